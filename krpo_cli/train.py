@@ -1,0 +1,250 @@
+"""The KRPO training loop, top to bottom.
+
+Each step: sample `prompts_per_step` prompts → generate G completions each (ROLLOUT) →
+grade them (REWARD) → per-prompt advantages with the Kalman filter or GRPO's group
+statistics (ADVANTAGE) → reference log-probs with the adapter disabled and, when the
+rollout batch feeds more than one optimizer step, the rollout policy's log-probs →
+shuffled minibatches of completions, clipped surrogate + β·KL, backward, clip, AdamW
+step (UPDATE) → metrics.jsonl, samples.jsonl and the progress bar (LOG). The adapter is
+saved in PEFT's standard files at the end.
+
+Simplifications worth knowing: one rollout batch per step (no replay buffer across
+steps); when one optimizer step consumes the whole rollout batch, the "old" log-probs
+are the current policy's, detached, which is exactly what a stored copy would hold.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from krpo_cli.advantages import compute_advantages
+from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.data import PromptSampler, build_prompt, load_rows
+from krpo_cli.logging import JsonlWriter, StepProgress
+from krpo_cli.losses import policy_loss
+from krpo_cli.models import load_policy
+from krpo_cli.rewards import get_grader
+from krpo_cli.rollout import completion_log_probs, generate_rollout
+
+
+class RunDirError(Exception):
+    """The run directory cannot be used as asked."""
+
+
+def prepare_run_dir(recipe: Recipe, recipe_text: str, overwrite: bool) -> Path:
+    run_dir = Path(recipe.run.output_dir) / recipe.run.name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise RunDirError(f"run directory '{run_dir}' is not empty; pass --overwrite to replace it")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        (run_dir / "recipe.original.yaml").write_text(recipe_text, encoding="utf-8")
+    except OSError as err:
+        raise RunDirError(f"cannot write the run directory '{run_dir}': {err.strerror or err}") from None
+    return run_dir
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    """Completion log-probs for the given rollout rows, `micro_batch` rows per forward."""
+    parts = []
+    for start in range(0, len(rows), micro_batch):
+        index = rows[start : start + micro_batch]
+        parts.append(
+            completion_log_probs(model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length)
+        )
+    return torch.cat(parts, dim=0)
+
+
+def quarter_means(values: list[float]) -> tuple[float, float]:
+    """Mean of the first and of the last quarter of a series (at least one value each)."""
+    k = max(1, len(values) // 4)
+    return statistics.fmean(values[:k]), statistics.fmean(values[-k:])
+
+
+def train(
+    recipe: Recipe,
+    recipe_text: str = "",
+    overwrite: bool = False,
+    console: Console | None = None,
+    device: torch.device | None = None,
+) -> Path:
+    """Run a recipe; returns the run directory."""
+    console = console or Console()
+    cfg, alg, gen, opt = recipe, recipe.algorithm, recipe.generation, recipe.train
+    run_dir = prepare_run_dir(recipe, recipe_text, overwrite)
+    seed_everything(cfg.run.seed)
+
+    rows = load_rows(cfg.data, "train")
+    grader = get_grader(cfg.reward.grader)
+    loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    num_trainable = sum(p.numel() for p in trainable)
+    console.print(
+        f"[bold]krpo[/] {cfg.algorithm.advantage} · model {cfg.model.name_or_path} "
+        f"({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.device.type}) · "
+        f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {len(rows):,} training rows · "
+        f"run dir {run_dir}",
+        highlight=False,
+    )
+
+    optimizer = torch.optim.AdamW(trainable, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    warmup = opt.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    sampler = PromptSampler(rows, cfg.run.seed)
+    shuffle = torch.Generator().manual_seed(cfg.run.seed)
+    kalman = alg.kalman.model_dump()
+    rollout_size = recipe.rollout_size
+    minibatch = opt.minibatch_size
+    micro_batch = opt.micro_batch_size or minibatch
+    optimizer_steps_per_batch = opt.epochs_per_batch * -(-rollout_size // minibatch)
+    metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
+    samples_log = JsonlWriter(run_dir / "samples.jsonl")
+    reward_history: list[float] = []
+
+    with StepProgress(console, opt.steps) as progress:
+        for step in range(1, opt.steps + 1):
+            step_started = time.perf_counter()
+
+            # ROLLOUT: one batched generation for all prompts × G samples.
+            batch_rows = sampler.next_batch(opt.prompts_per_step)
+            prompts = [build_prompt(tokenizer, cfg.data, row["question"]) for row in batch_rows]
+            rollout = generate_rollout(
+                model,
+                tokenizer,
+                prompts,
+                alg.group_size,
+                gen.max_new_tokens,
+                temperature=gen.temperature,
+                top_p=gen.top_p,
+                top_k=gen.top_k,
+                batch_size=gen.batch_size,
+            )
+
+            # REWARD: the grader that evaluation uses.
+            answers = [row["answer"] for row in batch_rows for _ in range(alg.group_size)]
+            grades = [grader(text, answer) for text, answer in zip(rollout.completions, answers)]
+            rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
+            groups = rewards.view(opt.prompts_per_step, alg.group_size)
+
+            # ADVANTAGE: per prompt, in sampled order.
+            advantages = compute_advantages(groups, alg.advantage, **kalman).flatten().to(loaded.device)
+
+            # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
+            update_started = time.perf_counter()
+            everything = torch.arange(rollout_size)
+            with torch.no_grad():
+                model.eval()
+                ref_log_probs = None
+                if alg.kl_beta > 0:
+                    with model.disable_adapter():
+                        ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch)
+                old_log_probs = None
+                if optimizer_steps_per_batch > 1:
+                    old_log_probs = batched_log_probs(model, rollout, everything, micro_batch)
+
+            # UPDATE: shuffled minibatches, gradient accumulation over micro-batches.
+            model.train()
+            losses, kls, clip_fracs, grad_norms, skipped = [], [], [], [], 0
+            for _ in range(opt.epochs_per_batch):
+                order = torch.randperm(rollout_size, generator=shuffle)
+                for mb_start in range(0, rollout_size, minibatch):
+                    mb_rows = order[mb_start : mb_start + minibatch]
+                    optimizer.zero_grad(set_to_none=True)
+                    mb_loss = 0.0
+                    for start in range(0, len(mb_rows), micro_batch):
+                        index = mb_rows[start : start + micro_batch]
+                        log_probs = completion_log_probs(
+                            model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length
+                        )
+                        old = old_log_probs[index] if old_log_probs is not None else log_probs.detach()
+                        parts = policy_loss(
+                            log_probs,
+                            old,
+                            ref_log_probs[index] if ref_log_probs is not None else None,
+                            advantages[index],
+                            rollout.completion_mask[index],
+                            clip_eps=alg.clip_eps,
+                            kl_beta=alg.kl_beta,
+                        )
+                        loss = parts.loss.sum() / len(mb_rows)  # mean over the minibatch's sequences
+                        loss.backward()
+                        mb_loss += loss.item()
+                        kls.extend(parts.kl.tolist())
+                        clip_fracs.extend(parts.clip_fraction.tolist())
+                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opt.max_grad_norm)
+                    if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
+                        optimizer.zero_grad(set_to_none=True)
+                        skipped += 1
+                        continue
+                    optimizer.step()
+                    scheduler.step()
+                    losses.append(mb_loss)
+                    grad_norms.append(float(grad_norm))
+            model.eval()
+
+            # LOG
+            now = time.perf_counter()
+            lengths = rollout.completion_mask.sum(dim=1).float()
+            metrics = {
+                "step": step,
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                "correct_frac": statistics.fmean(g.correct for g in grades),
+                "format_frac": statistics.fmean(g.formatted for g in grades),
+                "frac_zero_std": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
+                "advantage_mean": float(advantages.mean()),
+                "advantage_abs_max": float(advantages.abs().max()),
+                "loss": statistics.fmean(losses) if losses else float("nan"),
+                "kl": statistics.fmean(kls),
+                "clip_frac": statistics.fmean(clip_fracs),
+                "grad_norm": statistics.fmean(grad_norms) if grad_norms else float("nan"),
+                "skipped_updates": skipped,
+                "completion_len_mean": float(lengths.mean()),
+                "tokens_per_s": rollout.num_generated_tokens / max(rollout.seconds, 1e-9),
+                "rollout_seconds": rollout.seconds,
+                "update_seconds": now - update_started,
+                "step_seconds": now - step_started,
+                "lr": scheduler.get_last_lr()[0],
+            }
+            metrics_log.write(metrics)
+            for i in range(min(cfg.output.samples_per_step, opt.prompts_per_step)):
+                j = i * alg.group_size  # the first completion of each of the first prompts
+                samples_log.write(
+                    {
+                        "step": step,
+                        "question": batch_rows[i]["question"],
+                        "answer": batch_rows[i]["answer"],
+                        "completion": rollout.completions[j],
+                        "reward": grades[j].reward,
+                    }
+                )
+            reward_history.append(metrics["reward_mean"])
+            progress.update(metrics)
+
+    metrics_log.close()
+    samples_log.close()
+    model.save_pretrained(run_dir / "adapter")
+    first, last = quarter_means(reward_history)
+    console.print(
+        f"done: {opt.steps} steps · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
+        f"adapter saved to {run_dir / 'adapter'}",
+        highlight=False,
+    )
+    return run_dir

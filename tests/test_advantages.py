@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from krpo_cli.advantages import compute_advantages, grpo_advantages, krpo_advantages
+
+# DESIGN reference values (G = 12), rewards in sampled order.
+ONE_THEN_ZEROS = [0.0995, -7.0481, -5.7514, -4.9725, -4.4365, -4.0368, -3.7227, -3.4663, -3.2509, -3.0659, -2.9042, -2.7607]
+ZEROS_THEN_ONE = [0.0] * 11 + [31.0079]
+ALL_ONES = [0.0995, 0.0705, 0.0575, 0.0497, 0.0444, 0.0404, 0.0372, 0.0347, 0.0325, 0.0307, 0.0290, 0.0276]
+
+
+def reference_krpo(rewards, q=1e-5, r=1e-2, x=0.0, p=1.0, eps=1e-8):
+    """The filter written out reward by reward, the way the paper states it."""
+    out = []
+    for reward in rewards:
+        p_prior = p + q
+        k = p_prior / (p_prior + r)
+        x = x + k * (reward - x)
+        p = (1 - k) * p_prior
+        out.append((reward - x) / (p + eps) ** 0.5)
+    return out
+
+
+@pytest.mark.parametrize(
+    "rewards, expected",
+    [([1.0] + [0.0] * 11, ONE_THEN_ZEROS), ([0.0] * 11 + [1.0], ZEROS_THEN_ONE), ([1.0] * 12, ALL_ONES)],
+)
+def test_krpo_matches_reference_values(rewards, expected):
+    got = krpo_advantages(torch.tensor([rewards]))[0]
+    # The table is rounded to 4 decimals; compare to that rounding (≤ 1e-4 relative on the big ones).
+    assert torch.allclose(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=6e-5)
+
+
+def test_krpo_groups_are_independent_and_vectorised():
+    rewards = torch.tensor([[1.0] + [0.0] * 11, [0.0] * 11 + [1.0], [1.0] * 12])
+    batched = krpo_advantages(rewards)
+    for row in range(3):
+        alone = krpo_advantages(rewards[row : row + 1])[0]
+        assert torch.equal(batched[row], alone)
+
+
+def test_krpo_equals_reward_by_reward_loop_on_random_rewards():
+    torch.manual_seed(0)
+    rewards = torch.rand(5, 7, dtype=torch.float64)
+    got = krpo_advantages(rewards, process_noise=1e-3, measurement_noise=0.5, init_mean=0.2, init_var=2.0)
+    for row in range(5):
+        expected = reference_krpo(rewards[row].tolist(), q=1e-3, r=0.5, x=0.2, p=2.0)
+        assert got[row].tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_krpo_is_order_dependent_and_does_not_sum_to_zero():
+    a = krpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    b = krpo_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
+    assert not torch.allclose(a.sort().values, b.sort().values)
+    assert abs(float(a.sum())) > 1.0
+
+
+def test_krpo_keeps_dtype_and_rejects_bad_shapes():
+    assert krpo_advantages(torch.zeros(2, 3, dtype=torch.float32)).dtype == torch.float32
+    with pytest.raises(ValueError, match="shape"):
+        krpo_advantages(torch.zeros(12))
+    with pytest.raises(ValueError, match="floating"):
+        krpo_advantages(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_grpo_hand_computed():
+    # rewards 1, 0, 0, 0: mean 0.25, Bessel std sqrt(0.75/3) = 0.5
+    got = grpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    assert got[0].tolist() == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-6)
+
+
+def test_grpo_all_equal_group_is_zero_not_nan():
+    got = grpo_advantages(torch.ones(3, 5))
+    assert torch.equal(got, torch.zeros(3, 5))
+
+
+def test_compute_advantages_dispatch():
+    rewards = torch.tensor([[1.0, 0.0, 0.5]])
+    assert torch.equal(compute_advantages(rewards, "grpo"), grpo_advantages(rewards))
+    assert torch.equal(compute_advantages(rewards, "krpo", measurement_noise=0.1), krpo_advantages(rewards, measurement_noise=0.1))
+    with pytest.raises(ValueError, match="unknown"):
+        compute_advantages(rewards, "ppo")

@@ -1,0 +1,67 @@
+import hashlib
+
+from typer.testing import CliRunner
+
+from krpo_cli.cli import app
+from conftest import tiny_recipe, write_recipe, read_jsonl
+
+runner = CliRunner()
+TEST_SPLIT_SHA256 = "3c18c6916b96d4b4819dc5847c065fd19b59434892caa0662888a2b0084c563e"
+
+
+def test_data_arithmetic_test_split_matches_published_hash(tmp_path):
+    out = tmp_path / "test.jsonl"
+    result = runner.invoke(app, ["data", "arithmetic", "--split", "test", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == TEST_SPLIT_SHA256
+
+
+def test_data_arithmetic_to_stdout_with_difficulty():
+    result = runner.invoke(app, ["data", "arithmetic", "--split", "test", "--difficulty", "easy"])
+    assert result.exit_code == 0
+    assert len(result.stdout.splitlines()) == 4739
+
+
+def test_data_arithmetic_bad_split_exits_2():
+    result = runner.invoke(app, ["data", "arithmetic", "--split", "dev"])
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_validate_ok_and_errors(tmp_path):
+    assert runner.invoke(app, ["validate", "quickstart"]).exit_code == 0
+    bad = write_recipe(tmp_path / "bad.yaml", {"algorithm": {"group_size": 1, "advantag": "krpo"}})
+    result = runner.invoke(app, ["validate", str(bad)])
+    assert result.exit_code == 2
+    assert "algorithm.group_size" in result.output and "did you mean 'algorithm.advantage'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_train_refuses_nf4_on_cpu_with_exit_2(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", model={"quantization": "nf4"}))
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    assert "nf4 needs a CUDA GPU" in result.output
+
+
+def test_train_missing_model_path_exits_2(tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "nowhere", tmp_path / "runs"))
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_train_end_to_end_and_refuses_to_reuse_run_dir(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs"))
+    result = runner.invoke(app, ["train", str(recipe), "train.steps=1"])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1]
+    assert "step 1/1" in result.output  # plain progress lines when not a terminal
+    assert "steps: 1" in (run_dir / "recipe.yaml").read_text()  # the resolved recipe, override applied
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    again = runner.invoke(app, ["train", str(recipe)])
+    assert again.exit_code == 2
+    assert "--overwrite" in again.output
+    assert runner.invoke(app, ["train", str(recipe), "train.steps=1", "--overwrite"]).exit_code == 0

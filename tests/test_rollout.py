@@ -1,0 +1,57 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from krpo_cli.models import load_tokenizer
+from krpo_cli.rollout import completion_log_probs, completion_mask_from_tokens, generate_rollout
+
+
+def test_completion_mask_stops_after_first_eos():
+    tokens = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 9], [5, 6, 7, 8, 9]])
+    mask = completion_mask_from_tokens(tokens, eos_ids=[2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert completion_mask_from_tokens(tokens, eos_ids=[2, 9]).tolist()[2] == [1, 1, 1, 1, 1]
+
+
+def test_completion_log_probs_match_unpadded_forward(tiny_model_dir):
+    """Left padding, trimming and position ids must not change any completion log-prob."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    pad = 0
+    prompts = [[10, 11, 12, 13, 14], [20, 21]]
+    completions = [[30, 31, 2], [40, 2, pad]]
+    completion_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    prompt_length = 6  # one more than the longest prompt: a column of padding everywhere
+    sequences, attention = [], []
+    for prompt, completion, cmask in zip(prompts, completions, completion_mask.tolist()):
+        padding = prompt_length - len(prompt)
+        sequences.append([pad] * padding + prompt + completion)
+        attention.append([0] * padding + [1] * len(prompt) + cmask)
+    got = completion_log_probs(model, torch.tensor(sequences), torch.tensor(attention), prompt_length)
+    assert got.shape == (2, 3)
+    for row, (prompt, completion, cmask) in enumerate(zip(prompts, completions, completion_mask.tolist())):
+        n = sum(cmask)
+        ids = torch.tensor([prompt + completion[:n]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), dim=-1)
+        expected = logp.gather(-1, torch.tensor(completion[:n]).unsqueeze(-1)).squeeze(-1)
+        assert torch.allclose(got[row, :n], expected, atol=1e-5), row
+        assert torch.all(got[row, n:] == 0)
+
+
+def test_generate_rollout_is_prompt_major_and_consistent(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(0)
+    rollout = generate_rollout(model, tokenizer, ["1 + 2", "a much longer prompt"], group_size=3, max_new_tokens=5, batch_size=4)
+    n = 6
+    assert rollout.sequences.shape[0] == n and len(rollout.completions) == n
+    assert rollout.completion_mask.shape[1] <= 5
+    prompt_part = rollout.sequences[:, : rollout.prompt_length]
+    # rows 0-2 share the first prompt, rows 3-5 the second
+    assert torch.equal(prompt_part[0], prompt_part[2]) and torch.equal(prompt_part[3], prompt_part[5])
+    assert not torch.equal(prompt_part[0], prompt_part[3])
+    assert torch.equal(rollout.attention_mask[:, rollout.prompt_length :], rollout.completion_mask)
+    decoded = tokenizer.batch_decode(
+        [row[mask.bool()] for row, mask in zip(rollout.completion_tokens, rollout.completion_mask)], skip_special_tokens=True
+    )
+    assert decoded == rollout.completions
+    assert rollout.num_generated_tokens == int(rollout.completion_mask.sum())
