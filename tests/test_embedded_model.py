@@ -35,10 +35,7 @@ def test_quickstart_recipe_trains_a_step_on_the_embedded_model(tmp_path):
             "quickstart",
             f"run.output_dir={tmp_path}",
             "train.steps=1",
-            "train.prompts_per_step=3",
-            "algorithm.group_size=4",
-            "train.minibatch_size=12",
-            "generation.max_new_tokens=6",
+            "generation.max_new_tokens=8",
         ],
     )
     assert result.exit_code == 0, result.output
