@@ -101,6 +101,57 @@ def validate(
     console.print(f"{recipe}: ok")
 
 
+@app.command("eval")
+def eval_command(
+    target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id, directory, .gguf, embedded name).")],
+    adapter: Annotated[Optional[str], typer.Option(help="A PEFT adapter directory to apply to the model.")] = None,
+    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Evaluate a run's base model alone (the baseline).")] = False,
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe for prompt, grader and data (default: the run's).")] = None,
+    data: Annotated[
+        Optional[str], typer.Option(help="A JSONL file, or digits / arithmetic-easy|normal|hard (default: the recipe's).")
+    ] = None,
+    split: Annotated[str, typer.Option(help="Split of a built-in dataset: train or test.")] = "test",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N questions.")] = None,
+    samples: Annotated[int, typer.Option(min=0, help="Also sample K completions per question: mean@K, pass@K.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest answer (default: the recipe's).")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Where results.json and samples.jsonl go (default: RUN/eval).")] = None,
+) -> None:
+    """Score a model on a dataset with the grader training uses; writes eval/results.json and samples.jsonl."""
+    from krpo_cli.evaluate import resolve_target, run_eval
+
+    try:
+        chosen = resolve_target(target, adapter, recipe, no_adapter, output)
+        run_eval(chosen, data, split, limit, samples, batch_size, max_new_tokens, console=console)
+    except user_errors() as err:
+        report(err)
+
+
+@app.command("merge")
+def merge_command(
+    source: Annotated[Path, typer.Argument(help="A run directory or a PEFT adapter directory.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default: RUN/merged).")] = None,
+    dtype: Annotated[str, typer.Option(help="Output dtype: auto (the base's), float32, bfloat16, float16.")] = "auto",
+    nf4_round_trip: Annotated[
+        str, typer.Option("--nf4-round-trip", help="auto (on when training used NF4), on, off.")
+    ] = "auto",
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check merged logits against base + adapter.")] = True,
+    tolerance: Annotated[float, typer.Option(help="Largest allowed |Δlogit| of the float32 merge.")] = 1e-3,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+) -> None:
+    """Merge an adapter into a full-precision copy of its base and save a standalone model."""
+    from krpo_cli.merge import merge
+
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        fail(f"--dtype must be auto, float32, bfloat16 or float16, not '{dtype}'")
+    if nf4_round_trip not in ("auto", "on", "off"):
+        fail(f"--nf4-round-trip must be auto, on or off, not '{nf4_round_trip}'")
+    try:
+        merge(source, out, dtype, nf4_round_trip, verify, tolerance, overwrite, console=console)
+    except user_errors() as err:
+        report(err)
+
+
 @data_app.command("arithmetic")
 def data_arithmetic(
     split: Annotated[str, typer.Option(help="train or test.")] = "test",

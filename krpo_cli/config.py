@@ -144,6 +144,12 @@ class TrainSettings(_Strict):
         return self
 
 
+class EvalSettings(_Strict):
+    every: int = Field(0, ge=0, description="Evaluate on held-out questions every N steps and at the end (0: never).")
+    size: int = Field(200, ge=1, description="Held-out questions per evaluation: the first N of the test split.")
+    batch_size: int = Field(32, ge=1, description="Questions per generate call during evaluation.")
+
+
 class OutputSettings(_Strict):
     samples_per_step: int = Field(4, ge=0, description="Completions per step written to samples.jsonl.")
 
@@ -157,6 +163,7 @@ class Recipe(_Strict):
     algorithm: AlgorithmSettings = Field(default_factory=AlgorithmSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
     output: OutputSettings = Field(default_factory=OutputSettings)
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-from krpo_cli.arithmetic import arithmetic_split
+from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
 from krpo_cli.config import DataSettings
 
 
@@ -72,6 +72,8 @@ def load_rows(settings: DataSettings, split: str = "train") -> list[dict]:
     """Rows of the recipe's dataset for `split` ('train' or 'test')."""
     if settings.source == "arithmetic":
         rows = arithmetic_split(split, settings.difficulty)
+        for row in rows:
+            row["difficulty"] = difficulty_of(row["num_terms"], row["num_digits"])
     elif settings.source == "digits":
         rows = digit_problems()
         rows = rows[DIGITS_TEST_SIZE:] if split == "train" else rows[:DIGITS_TEST_SIZE]
@@ -80,6 +82,28 @@ def load_rows(settings: DataSettings, split: str = "train") -> list[dict]:
     if split == "train" and settings.max_samples is not None:
         rows = rows[: settings.max_samples]
     return rows
+
+
+BUILTIN_DATASETS = ("digits", "arithmetic", *(f"arithmetic-{d}" for d in DIFFICULTIES))
+
+
+def load_eval_rows(spec: str | None, settings: DataSettings, split: str = "test") -> tuple[list[dict], str]:
+    """Rows to evaluate on and a name for them.
+
+    `spec` is None (the recipe's own dataset), a built-in name (`digits`, `arithmetic`,
+    `arithmetic-easy|normal|hard`) or a local JSONL file with the recipe's field names.
+    """
+    if spec is None:
+        name = settings.path if settings.source == "jsonl" else settings.source
+        if settings.source == "arithmetic":
+            name = f"arithmetic-{settings.difficulty}"
+        return load_rows(settings, split), f"{name} ({split})"
+    if spec in BUILTIN_DATASETS:
+        source, _, difficulty = spec.partition("-")
+        chosen = settings.model_copy(update={"source": source, "difficulty": difficulty or "hard", "max_samples": None})
+        return load_rows(chosen, split), f"{spec} ({split})"
+    chosen = settings.model_copy(update={"source": "jsonl", "path": spec, "max_samples": None})
+    return load_rows(chosen, split), spec
 
 
 def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:

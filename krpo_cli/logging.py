@@ -17,9 +17,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class JsonlWriter:
     """Appends one JSON object per line and flushes, so a crash loses nothing written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, mode: str = "a"):
         self.path = path
-        self._file = path.open("a", encoding="utf-8")
+        self._file = path.open(mode, encoding="utf-8")
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -72,6 +72,8 @@ class StepProgress:
             f"reward {_fmt(metrics['reward_mean'])}  correct {_fmt(metrics['correct_frac'])}  "
             f"kl {_fmt(metrics['kl'])}  {_fmt(metrics['step_seconds'])}s/step"
         )
+        if "eval/accuracy" in metrics:
+            stats += f"  eval acc {_fmt(metrics['eval/accuracy'])}"
         if self.progress is not None:
             self.progress.update(self.task, completed=metrics["step"], stats=stats)
         else:

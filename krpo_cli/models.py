@@ -58,6 +58,9 @@ def dequantized_copy(gguf_file: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     quiet_libraries()
+    from rich.console import Console
+
+    Console(stderr=True).print(f"preparing {gguf_file.name} once: dequantizing into {target}", highlight=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

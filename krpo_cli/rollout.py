@@ -60,10 +60,12 @@ def generate_rollout(
     top_k: int = 0,
     batch_size: int | None = None,
     min_new_tokens: int | None = None,
+    greedy: bool = False,
 ) -> Rollout:
     """Sample `group_size` completions for each prompt; rows are prompt-major (i·G + j).
 
     One batched `generate` call per `batch_size` sequences (all at once by default).
+    `greedy=True` decodes greedily instead of sampling (evaluation's pass@1).
     """
     device = next(model.parameters()).device
     started = time.perf_counter()
@@ -76,18 +78,18 @@ def generate_rollout(
 
     was_training = model.training
     model.eval()
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
     chunks = []
     step = batch_size or input_ids.shape[0]
     for start in range(0, input_ids.shape[0], step):
         out = model.generate(
             input_ids=input_ids[start : start + step],
             attention_mask=prompt_mask[start : start + step],
-            do_sample=True,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            do_sample=not greedy,
+            **sampling,
             max_new_tokens=max_new_tokens,
             min_new_tokens=min_new_tokens,
+            repetition_penalty=1.0,  # a model's own generation config may set one; samples must follow the policy
             pad_token_id=pad_id,
             eos_token_id=eos_ids,
         )

@@ -15,6 +15,7 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import statistics
@@ -28,6 +29,7 @@ from rich.console import Console
 from krpo_cli.advantages import compute_advantages
 from krpo_cli.config import Recipe, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
+from krpo_cli.evaluate import evaluate_model
 from krpo_cli.logging import JsonlWriter, StepProgress
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy
@@ -91,9 +93,13 @@ def train(
     seed_everything(cfg.run.seed)
 
     rows = load_rows(cfg.data, "train")
+    eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
     grader = get_grader(cfg.reward.grader)
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
+                "device": loaded.device.type, "model_path": loaded.path}
+    (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
@@ -223,6 +229,11 @@ def train(
                 "step_seconds": now - step_started,
                 "lr": scheduler.get_last_lr()[0],
             }
+            if eval_rows and (step % cfg.eval.every == 0 or step == opt.steps):
+                # The same evaluation as `krpo eval`, on a fixed held-out subset (greedy: no RNG draws).
+                report = evaluate_model(model, tokenizer, eval_rows, cfg, batch_size=cfg.eval.batch_size)
+                metrics["eval/accuracy"] = report.metrics["accuracy"]
+                metrics["eval/mean_reward"] = report.metrics["mean_reward"]
             metrics_log.write(metrics)
             for i in range(min(cfg.output.samples_per_step, opt.prompts_per_step)):
                 j = i * alg.group_size  # the first completion of each of the first prompts

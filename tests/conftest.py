@@ -23,7 +23,7 @@ CHATML = (
 )
 
 
-def build_tiny_model(directory: Path, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """A random-weight Llama-shaped model with a character-level tokenizer, saved as an HF model dir."""
     import torch
     from tokenizers import Tokenizer, decoders, models
@@ -41,8 +41,8 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
     tokenizer.chat_template = CHATML
     config = LlamaConfig(
         vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -64,6 +64,23 @@ def build_tiny_model(directory: Path, seed: int = 0) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     return build_tiny_model(_SESSION_TMP / "tiny-llama")
+
+
+def make_adapter(base_dir: Path, adapter_dir: Path, scale: float = 0.1, seed: int = 1) -> Path:
+    """A LoRA adapter for `base_dir` with non-zero random weights (as if trained)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, scale)
+    model.save_pretrained(adapter_dir)
+    return adapter_dir
 
 
 def write_recipe(path: Path, recipe: dict) -> Path:

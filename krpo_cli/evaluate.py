@@ -1,0 +1,280 @@
+"""`krpo eval`: score a model on a dataset with the grader that training uses as its reward.
+
+Metrics (greedy decoding): accuracy (pass@1, full credit), mean reward, share of answers in
+the expected format. With K samples per question (temperature from the recipe): mean@K (the
+average share of correct samples) and pass@K (share of questions with at least one correct
+sample). Accuracy is broken down by every grouping column the data has (for arithmetic:
+difficulty, num_terms, num_digits).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from krpo_cli.config import Recipe, load_recipe
+from krpo_cli.data import build_prompt, load_eval_rows
+from krpo_cli.logging import JsonlWriter
+from krpo_cli.models import ModelError, load_base_model, load_tokenizer, pick_device, quiet_libraries
+from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
+from krpo_cli.rewards import get_grader
+from krpo_cli.rollout import generate_rollout
+
+RECIPE_IN_MODEL_DIR = "krpo_recipe.yaml"  # written by `krpo merge` so a merged model keeps its prompt and grader
+MAX_GROUP_VALUES = 30  # a column with more distinct values is an attribute, not a grouping
+
+
+@dataclass
+class EvalTarget:
+    model: str  # what `model.name_or_path` accepts
+    adapter: Path | None
+    recipe: Recipe
+    output_dir: Path
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "recipe.yaml").is_file() and (path / "adapter").is_dir()
+
+
+def resolve_target(
+    target: str, adapter: str | None, recipe: str | None, no_adapter: bool, output: Path | None
+) -> EvalTarget:
+    """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter)."""
+    path = Path(target)
+    if is_run_dir(path):
+        loaded, _ = load_recipe(recipe or str(path / "recipe.yaml"))
+        chosen = None if no_adapter else Path(adapter) if adapter else path / "adapter"
+        name = "eval-base" if no_adapter else "eval"
+        return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name)
+    if recipe:
+        loaded, _ = load_recipe(recipe)
+    elif (path / RECIPE_IN_MODEL_DIR).is_file():
+        loaded, _ = load_recipe(str(path / RECIPE_IN_MODEL_DIR))
+    else:
+        loaded = Recipe()
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
+    default_out = (path / "eval") if path.is_dir() else Path("runs") / "eval" / path.name
+    return EvalTarget(target, None if no_adapter or not adapter else Path(adapter), loaded, output or default_out)
+
+
+def load_adapter(base, adapter_dir: Path, base_name: str):
+    """Base + adapter for inference; an adapter made for another base is refused by name."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    except (RuntimeError, ValueError, KeyError) as err:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        trained_on = config.get("base_model_name_or_path") or "an unknown base"
+        arch = ",".join(getattr(base.config, "architectures", None) or [type(base).__name__])
+        detail = " ".join(str(err).split())[:200]
+        raise ModelError(
+            f"the adapter '{adapter_dir}' (trained on {trained_on}) does not fit the base '{base_name}' "
+            f"({arch}, hidden size {getattr(base.config, 'hidden_size', '?')}): {detail}"
+        ) from None
+
+
+def grouping_columns(rows: list[dict]) -> list[str]:
+    """Columns with a few distinct scalar values, usable to break accuracy down."""
+    columns = []
+    for key in rows[0]:
+        if key in ("id", "question", "answer"):
+            continue
+        values = {row.get(key) for row in rows}
+        if all(isinstance(v, (str, int, bool)) for v in values) and 2 <= len(values) <= MAX_GROUP_VALUES:
+            columns.append(key)
+    return columns
+
+
+@dataclass
+class EvalReport:
+    metrics: dict
+    by_group: dict
+    records: list[dict] = field(default_factory=list)
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    rows: list[dict],
+    recipe: Recipe,
+    samples: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    on_batch=None,
+) -> EvalReport:
+    """Greedy pass@1 (and mean@K / pass@K with `samples` = K) over `rows`."""
+    grader = get_grader(recipe.reward.grader)
+    gen = recipe.generation
+    max_new = max_new_tokens or gen.max_new_tokens
+    records = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        prompts = [build_prompt(tokenizer, recipe.data, row["question"]) for row in batch]
+        greedy = generate_rollout(model, tokenizer, prompts, 1, max_new, greedy=True)
+        sampled = None
+        if samples:
+            sampled = generate_rollout(
+                model, tokenizer, prompts, samples, max_new, gen.temperature, gen.top_p, gen.top_k, batch_size=batch_size
+            )
+        for i, row in enumerate(batch):
+            grade = grader(greedy.completions[i], row["answer"])
+            record = {
+                "question": row["question"],
+                "reference": row["answer"],
+                "completion": greedy.completions[i],
+                "extracted": grade.extracted,
+                "reward": grade.reward,
+                "correct": grade.correct,
+                "formatted": grade.formatted,
+            }
+            record.update({k: v for k, v in row.items() if k not in ("question", "answer")})
+            if sampled is not None:
+                sample_grades = [grader(c, row["answer"]) for c in sampled.completions[i * samples : (i + 1) * samples]]
+                record["sample_correct"] = [g.correct for g in sample_grades]
+                record["sample_rewards"] = [g.reward for g in sample_grades]
+            records.append(record)
+        if on_batch is not None:
+            on_batch(len(batch))
+    return EvalReport(summarise(records, samples), breakdown(records, grouping_columns(rows)), records)
+
+
+def summarise(records: list[dict], samples: int = 0) -> dict:
+    metrics = {
+        "accuracy": statistics.fmean(r["correct"] for r in records),
+        "mean_reward": statistics.fmean(r["reward"] for r in records),
+        "format_rate": statistics.fmean(r["formatted"] for r in records),
+        "num_questions": len(records),
+    }
+    if samples:
+        metrics[f"mean@{samples}"] = statistics.fmean(statistics.fmean(r["sample_correct"]) for r in records)
+        metrics[f"pass@{samples}"] = statistics.fmean(any(r["sample_correct"]) for r in records)
+    return metrics
+
+
+def breakdown(records: list[dict], columns: list[str]) -> dict:
+    """{column: {value: {n, accuracy, mean_reward}}}, values sorted."""
+    result = {}
+    for column in columns:
+        groups = defaultdict(list)
+        for record in records:
+            groups[record.get(column)].append(record)
+        result[column] = {
+            str(value): {
+                "n": len(members),
+                "accuracy": statistics.fmean(m["correct"] for m in members),
+                "mean_reward": statistics.fmean(m["reward"] for m in members),
+            }
+            for value, members in sorted(groups.items(), key=lambda kv: (str(type(kv[0])), kv[0]))
+        }
+    return result
+
+
+def run_eval(
+    target: EvalTarget,
+    data: str | None = None,
+    split: str = "test",
+    limit: int | None = None,
+    samples: int = 0,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    console: Console | None = None,
+    device: torch.device | None = None,
+) -> EvalReport:
+    """Load the model, evaluate, write results.json and samples.jsonl, print a table."""
+    console = console or Console()
+    started = time.perf_counter()
+    recipe = target.recipe
+    rows, dataset_name = load_eval_rows(data, recipe.data, split)
+    if limit is not None:
+        rows = rows[:limit]
+    try:
+        target.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelError(f"cannot write the output directory '{target.output_dir}': {err.strerror or err}") from None
+
+    quiet_libraries()
+    device = device or pick_device()
+    quantization = resolve_quantization(recipe.model.quantization, device)
+    dtype = resolve_dtype(recipe.model.dtype, device)
+    path = resolve_model_path(target.model)
+    tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
+    model = load_base_model(path, quantization, dtype, device, recipe.model.trust_remote_code)
+    if target.adapter is not None:
+        model = load_adapter(model, target.adapter, target.model)
+    model.eval()
+    torch.manual_seed(recipe.run.seed)
+
+    what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")
+    console.print(f"[bold]krpo eval[/] {what} · {dataset_name}: {len(rows):,} questions", highlight=False)
+    with Progress(
+        TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
+        disable=not console.is_terminal,
+    ) as progress:
+        task = progress.add_task("eval", total=len(rows))
+        report = evaluate_model(
+            model, tokenizer, rows, recipe, samples, batch_size, max_new_tokens,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+
+    results = {
+        "metrics": report.metrics,
+        "by_group": report.by_group,
+        "model": target.model,
+        "adapter": str(target.adapter) if target.adapter else None,
+        "dataset": dataset_name,
+        "num_questions": len(rows),
+        "settings": {
+            "grader": recipe.reward.grader,
+            "samples": samples,
+            "temperature": recipe.generation.temperature if samples else None,
+            "max_new_tokens": max_new_tokens or recipe.generation.max_new_tokens,
+            "quantization": quantization,
+            "dtype": str(dtype).removeprefix("torch."),
+            "device": device.type,
+            "seed": recipe.run.seed,
+        },
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (target.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    writer = JsonlWriter(target.output_dir / "samples.jsonl", mode="w")
+    for record in report.records:
+        writer.write(record)
+    writer.close()
+    print_report(console, report, samples)
+    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False)
+    return report
+
+
+def print_report(console: Console, report: EvalReport, samples: int) -> None:
+    table = Table(title="krpo eval", show_edge=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    m = report.metrics
+    table.add_row("questions", f"{m['num_questions']:,}")
+    table.add_row("accuracy (greedy pass@1)", f"{m['accuracy']:.3f}")
+    table.add_row("mean reward", f"{m['mean_reward']:.3f}")
+    table.add_row("format rate", f"{m['format_rate']:.3f}")
+    if samples:
+        table.add_row(f"mean@{samples}", f"{m[f'mean@{samples}']:.3f}")
+        table.add_row(f"pass@{samples}", f"{m[f'pass@{samples}']:.3f}")
+    console.print(table)
+    for column, groups in report.by_group.items():
+        sub = Table(title=f"accuracy by {column}", show_edge=False)
+        sub.add_column(column)
+        sub.add_column("n", justify="right")
+        sub.add_column("accuracy", justify="right")
+        for value, stats in groups.items():
+            sub.add_row(value, str(stats["n"]), f"{stats['accuracy']:.3f}")
+        console.print(sub)
+

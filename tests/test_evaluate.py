@@ -1,0 +1,102 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from krpo_cli import train as train_module
+from krpo_cli.cli import app
+from krpo_cli.config import Recipe
+from krpo_cli.evaluate import breakdown, grouping_columns, summarise
+from conftest import make_adapter, read_jsonl, tiny_recipe, write_recipe
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_model_dir):
+    out = tmp_path_factory.mktemp("runs")
+    return train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, out, train={"steps": 1})))
+
+
+def test_summary_and_breakdown_hand_counted():
+    records = [
+        {"correct": True, "reward": 1.0, "formatted": True, "op": "+", "sample_correct": [True, False]},
+        {"correct": False, "reward": 0.0, "formatted": True, "op": "+", "sample_correct": [False, False]},
+        {"correct": False, "reward": 0.01, "formatted": False, "op": "-", "sample_correct": [True, True]},
+    ]
+    metrics = summarise(records, samples=2)
+    assert metrics["accuracy"] == pytest.approx(1 / 3)
+    assert metrics["mean_reward"] == pytest.approx(1.01 / 3)
+    assert metrics["format_rate"] == pytest.approx(2 / 3)
+    assert metrics["mean@2"] == pytest.approx((0.5 + 0 + 1) / 3)
+    assert metrics["pass@2"] == pytest.approx(2 / 3)
+    by_op = breakdown(records, ["op"])["op"]
+    assert by_op["+"] == {"n": 2, "accuracy": 0.5, "mean_reward": 0.5}
+    assert by_op["-"]["n"] == 1 and by_op["-"]["accuracy"] == 0.0
+
+
+def test_grouping_columns_skip_ids_and_free_text():
+    rows = [{"id": str(i), "question": f"q{i}", "answer": str(i), "level": i % 3, "note": f"n{i}"} for i in range(40)]
+    assert grouping_columns(rows) == ["level"]
+
+
+def test_eval_run_dir_matches_hand_count(run_dir):
+    result = runner.invoke(app, ["eval", str(run_dir), "--limit", "12", "--batch-size", "5", "--max-new-tokens", "4"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    samples = read_jsonl(run_dir / "eval" / "samples.jsonl")
+    assert len(samples) == 12 == results["num_questions"]
+    assert results["metrics"]["accuracy"] == pytest.approx(sum(s["correct"] for s in samples) / 12)
+    assert results["metrics"]["mean_reward"] == pytest.approx(sum(s["reward"] for s in samples) / 12)
+    assert results["adapter"].endswith("adapter") and results["settings"]["grader"] == "last_number"
+    by_op = results["by_group"]["op"]
+    assert sum(g["n"] for g in by_op.values()) == 12
+    for op, group in by_op.items():
+        members = [s for s in samples if s["op"] == op]
+        assert group["accuracy"] == pytest.approx(sum(s["correct"] for s in members) / len(members))
+    assert {"question", "reference", "completion", "extracted", "reward"} <= samples[0].keys()
+    assert "accuracy (greedy pass@1)" in result.output
+
+
+def test_eval_baseline_without_adapter(run_dir):
+    result = runner.invoke(app, ["eval", str(run_dir), "--no-adapter", "--limit", "4", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run_dir / "eval-base" / "results.json").read_text())
+    assert results["adapter"] is None and results["num_questions"] == 4
+
+
+def test_eval_foreign_jsonl_with_samples(tmp_path, tiny_model_dir):
+    data = tmp_path / "mine.jsonl"
+    rows = [{"question": f"{i} + 1", "answer": str(i + 1), "subject": "add" if i % 2 else "sum"} for i in range(6)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs"))
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["eval", str(tiny_model_dir), "--adapter", str(adapter), "--recipe", str(recipe), "--data", str(data),
+         "--samples", "3", "--max-new-tokens", "3", "--output", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    metrics = results["metrics"]
+    assert results["num_questions"] == 6 and set(results["by_group"]["subject"]) == {"add", "sum"}
+    assert 0.0 <= metrics["mean@3"] <= metrics["pass@3"] <= 1.0
+    samples = read_jsonl(out / "samples.jsonl")
+    assert all(len(s["sample_correct"]) == 3 for s in samples)
+    assert metrics["pass@3"] == pytest.approx(sum(any(s["sample_correct"]) for s in samples) / 6)
+
+
+def test_eval_missing_data_file_exits_2(run_dir, tmp_path):
+    result = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "nope.jsonl")])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output and "Traceback" not in result.output
+
+
+def test_in_training_evaluation_is_logged(tmp_path, tiny_model_dir):
+    recipe = Recipe.model_validate(
+        tiny_recipe(tiny_model_dir, tmp_path, train={"steps": 3}, eval={"every": 2, "size": 4})
+    )
+    metrics = read_jsonl(train_module.train(recipe) / "metrics.jsonl")
+    assert ["eval/accuracy" in m for m in metrics] == [False, True, True]  # every 2 steps and at the end
+    assert all(0.0 <= m["eval/accuracy"] <= 1.0 for m in metrics if "eval/accuracy" in m)

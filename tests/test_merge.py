@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from krpo_cli.cli import app
+from conftest import build_tiny_model, make_adapter
+
+runner = CliRunner()
+IDS = torch.tensor([[5, 9, 14, 20, 33, 41, 7]])
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("a") / "adapter")
+
+
+def test_merge_round_trip_is_exact_and_standalone(tmp_path, tiny_model_dir, adapter_dir):
+    out = tmp_path / "merged"
+    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["merge_dtype"] == "float32" and info["nf4_round_trip"] is False
+    assert info["verification"]["max_abs_logit_diff_merged_fp32"] <= 1e-4
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file()
+
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain transformers
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(IDS).logits, with_adapter(IDS).logits, atol=1e-5)
+        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)(IDS).logits
+        assert not torch.allclose(merged(IDS).logits, plain, atol=1e-3), "the adapter must matter"
+        greedy = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(merged.generate(IDS, **greedy), with_adapter.generate(input_ids=IDS, **greedy))
+
+
+def test_merge_refuses_nonempty_output(tmp_path, adapter_dir):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "something").write_text("x")
+    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+
+
+def test_nf4_round_trip_changes_the_base_but_stays_consistent(tmp_path, adapter_dir):
+    plain, rounded = tmp_path / "plain", tmp_path / "nf4"
+    assert runner.invoke(app, ["merge", str(adapter_dir), "--out", str(plain), "--nf4-round-trip", "off"]).exit_code == 0
+    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(rounded), "--nf4-round-trip", "on"])
+    assert result.exit_code == 0, result.output
+    info = json.loads((rounded / "merge_info.json").read_text())
+    assert info["nf4_round_trip"] is True
+    assert info["verification"]["max_abs_logit_diff_merged_fp32"] <= 1e-4
+    a = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(rounded, dtype=torch.float32).state_dict()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(a[q], b[q])
+    assert torch.equal(a["model.norm.weight"], b["model.norm.weight"])  # only linear weights are quantized
+
+
+def test_adapter_for_another_base_is_refused(tmp_path, adapter_dir):
+    other = build_tiny_model(tmp_path / "wider", hidden_size=48)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    for f in adapter_dir.iterdir():
+        (mismatched / f.name).write_bytes(f.read_bytes())
+    config["base_model_name_or_path"] = str(other)
+    (mismatched / "adapter_config.json").write_text(json.dumps(config))
+    result = runner.invoke(app, ["merge", str(mismatched), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert str(other) in result.output and "does not fit" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "m").exists()
+    evaluated = runner.invoke(app, ["eval", str(other), "--adapter", str(adapter_dir), "--limit", "2"])
+    assert evaluated.exit_code == 2 and "does not fit" in evaluated.output
