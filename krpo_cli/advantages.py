@@ -66,9 +66,14 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     _check_rewards(rewards)
     if rewards.shape[1] < 2:
         raise ValueError("GRPO needs at least 2 completions per group")
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, unbiased=True)
-    return (rewards - mean) / (std + eps)
+    r = rewards.to(torch.float64)
+    mean = r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=True)
+    advantages = (r - mean) / (std + eps)
+    # In floating point the mean of equal rewards can differ from them by an ulp, which ε would
+    # then blow up; a group with no spread carries no signal.
+    all_equal = (r.max(dim=1, keepdim=True).values == r.min(dim=1, keepdim=True).values)
+    return advantages.masked_fill(all_equal, 0.0).to(rewards.dtype)
 
 
 ESTIMATORS = ("krpo", "grpo")

@@ -38,9 +38,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from krpo_cli.config import RecipeError
     from krpo_cli.data import DataError
     from krpo_cli.models import ModelError
+    from krpo_cli.rewards import GraderError
     from krpo_cli.train import RunDirError
 
-    return RecipeError, DataError, ModelError, RunDirError
+    return RecipeError, DataError, ModelError, RunDirError, GraderError
 
 
 def report(err: Exception) -> None:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from krpo_cli.rewards import GRADERS, USER_GRADER_SPEC
 
 PAPER_SYSTEM_PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant "
@@ -90,10 +92,24 @@ class DataSettings(_Strict):
 
 
 class RewardSettings(_Strict):
-    grader: Literal["answer_tags", "last_number"] = Field(
+    grader: str = Field(
         "answer_tags",
-        description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last integer is right.",
+        description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last "
+        "integer is right; numeric: numeric equality of the tagged/boxed/last number; math_verify: mathematical "
+        "equivalence (competition math); or your own package.module:function.",
     )
+
+    @field_validator("grader")
+    @classmethod
+    def _known_grader(cls, value: str) -> str:
+        if value in GRADERS or USER_GRADER_SPEC.fullmatch(value):
+            return value
+        hint = difflib.get_close_matches(value, list(GRADERS), n=1)
+        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ValueError(
+            f"reward.grader: unknown grader '{value}'{suggestion}; expected one of {', '.join(GRADERS)} "
+            "or package.module:function"
+        )
 
 
 class KalmanSettings(_Strict):

@@ -70,6 +70,8 @@ def _read_jsonl(path: Path, question_field: str, answer_field: str) -> list[dict
 
 def load_rows(settings: DataSettings, split: str = "train") -> list[dict]:
     """Rows of the recipe's dataset for `split` ('train' or 'test')."""
+    if split not in ("train", "test"):
+        raise DataError(f"unknown split '{split}'; expected train or test")
     if settings.source == "arithmetic":
         rows = arithmetic_split(split, settings.difficulty)
         for row in rows:

@@ -30,7 +30,8 @@ from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import generate_rollout
 
 RECIPE_IN_MODEL_DIR = "krpo_recipe.yaml"  # written by `krpo merge` so a merged model keeps its prompt and grader
-MAX_GROUP_VALUES = 30  # a column with more distinct values is an attribute, not a grouping
+MAX_GROUP_VALUES = 30
+GRADED_FIELDS = ("reference", "completion", "extracted", "reward", "correct", "formatted", "sample_correct", "sample_rewards")  # a column with more distinct values is an attribute, not a grouping
 
 
 @dataclass
@@ -50,8 +51,12 @@ def resolve_target(
 ) -> EvalTarget:
     """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter)."""
     path = Path(target)
+    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
     if is_run_dir(path):
-        loaded, _ = load_recipe(recipe or str(path / "recipe.yaml"))
+        loaded, _ = load_recipe(str(path / "recipe.yaml"))
+        if recipe:  # prompt, grader, data and generation from --recipe; the model stays the run's
+            loaded = load_recipe(recipe)[0].model_copy(update={"model": loaded.model})
         chosen = None if no_adapter else Path(adapter) if adapter else path / "adapter"
         name = "eval-base" if no_adapter else "eval"
         return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name)
@@ -61,8 +66,6 @@ def resolve_target(
         loaded, _ = load_recipe(str(path / RECIPE_IN_MODEL_DIR))
     else:
         loaded = Recipe()
-    if adapter and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
     default_out = (path / "eval") if path.is_dir() else Path("runs") / "eval" / path.name
     return EvalTarget(target, None if no_adapter or not adapter else Path(adapter), loaded, output or default_out)
 
@@ -79,7 +82,7 @@ def load_adapter(base, adapter_dir: Path, base_name: str):
         arch = ",".join(getattr(base.config, "architectures", None) or [type(base).__name__])
         detail = " ".join(str(err).split())[:200]
         raise ModelError(
-            f"the adapter '{adapter_dir}' (trained on {trained_on}) does not fit the base '{base_name}' "
+            f"the adapter '{adapter_dir}' (made for {trained_on}) does not fit the base '{base_name}' "
             f"({arch}, hidden size {getattr(base.config, 'hidden_size', '?')}): {detail}"
         ) from None
 
@@ -88,7 +91,7 @@ def grouping_columns(rows: list[dict]) -> list[str]:
     """Columns with a few distinct scalar values, usable to break accuracy down."""
     columns = []
     for key in rows[0]:
-        if key in ("id", "question", "answer"):
+        if key in ("id", "question", "answer") or key in GRADED_FIELDS:
             continue
         values = {row.get(key) for row in rows}
         if all(isinstance(v, (str, int, bool)) for v in values) and 2 <= len(values) <= MAX_GROUP_VALUES:
@@ -129,7 +132,8 @@ def evaluate_model(
             )
         for i, row in enumerate(batch):
             grade = grader(greedy.completions[i], row["answer"])
-            record = {
+            record = {k: v for k, v in row.items() if k not in ("question", "answer")}
+            record |= {
                 "question": row["question"],
                 "reference": row["answer"],
                 "completion": greedy.completions[i],
@@ -138,7 +142,6 @@ def evaluate_model(
                 "correct": grade.correct,
                 "formatted": grade.formatted,
             }
-            record.update({k: v for k, v in row.items() if k not in ("question", "answer")})
             if sampled is not None:
                 sample_grades = [grader(c, row["answer"]) for c in sampled.completions[i * samples : (i + 1) * samples]]
                 record["sample_correct"] = [g.correct for g in sample_grades]

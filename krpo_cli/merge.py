@@ -26,7 +26,7 @@ from rich.console import Console
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
 from krpo_cli.evaluate import RECIPE_IN_MODEL_DIR, is_run_dir, load_adapter
-from krpo_cli.models import ModelError, load_tokenizer, quiet_libraries, resolve_model_path
+from krpo_cli.models import ModelError, load_base_model, load_tokenizer, quiet_libraries, resolve_model_path, short
 
 RUN_INFO = "run_info.json"  # written by `krpo train`: quantization, dtype and device actually used
 VERIFY_PROMPTS = 4
@@ -44,6 +44,30 @@ def find_adapter(source: Path) -> tuple[Path, Path | None]:
         parent = source.parent
         return source, parent if is_run_dir(parent) else None
     raise MergeError(f"'{source}' is neither a run directory (recipe.yaml + adapter/) nor a PEFT adapter directory")
+
+
+def read_run_info(run_dir: Path | None) -> dict:
+    path = run_dir / RUN_INFO if run_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise MergeError(f"'{path}' is not valid JSON; delete it to merge without the NF4 default") from None
+    return info if isinstance(info, dict) else {}
+
+
+def check_output_dir(out: Path, adapter_dir: Path, run_dir: Path | None, overwrite: bool) -> Path:
+    """Refuse outputs that would destroy the inputs or cannot be a directory."""
+    out = out.resolve()
+    for protected in filter(None, (adapter_dir.resolve(), run_dir.resolve() if run_dir else None)):
+        if out == protected or protected.is_relative_to(out):
+            raise MergeError(f"--out '{out}' would overwrite the adapter or run it merges; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--out '{out}' exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"output directory '{out}' is not empty; pass --overwrite to replace it")
+    return out
 
 
 def nf4_round_trip(model, compute_dtype: torch.dtype) -> int:
@@ -82,7 +106,10 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
 def base_dtype(path: str) -> torch.dtype:
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise MergeError(f"cannot read the config of the base '{path}': {short(err)}") from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
@@ -108,11 +135,10 @@ def merge(
     quiet_libraries()
     adapter_dir, run_dir = find_adapter(source)
     recipe = load_recipe(str(run_dir / "recipe.yaml"))[0] if run_dir else None
-    run_info = json.loads((run_dir / RUN_INFO).read_text()) if run_dir and (run_dir / RUN_INFO).is_file() else {}
+    run_info = read_run_info(run_dir)
     base_name = recipe.model.name_or_path if recipe else PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     out = out or ((run_dir / "merged") if run_dir else adapter_dir.parent / f"{adapter_dir.name}-merged")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"output directory '{out}' is not empty; pass --overwrite to replace it")
+    out = check_output_dir(out, adapter_dir, run_dir, overwrite)
     trained_quantization = run_info.get("quantization", "unknown")
     round_trip = trained_quantization == "nf4" if nf4 == "auto" else nf4 == "on"
 
@@ -121,7 +147,7 @@ def merge(
     tokenizer = load_tokenizer(path, trust)
     out_dtype = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     console.print(f"[bold]krpo merge[/] {adapter_dir} into {base_name} (float32, then {str(out_dtype)[6:]})", highlight=False)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust)
+    base = load_base_model(path, "none", torch.float32, torch.device("cpu"), trust)
     if round_trip:
         compute = getattr(torch, run_info.get("dtype", "bfloat16"))
         count = nf4_round_trip(base, compute)
@@ -149,6 +175,9 @@ def merge(
     if verify:
         reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
         diff_saved = float((logits_of(reloaded, inputs) - reference).abs().max())
+        if out_dtype == torch.float32 and not diff_saved <= tolerance:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise MergeError(f"the saved model differs from base + adapter by {diff_saved:.3g} after reloading")
     info = {
         "base": base_name,
         "base_path": path,

@@ -30,6 +30,11 @@ class ModelError(Exception):
     """A model a user asked for cannot be loaded as asked; the message says why."""
 
 
+def short(err: Exception, limit: int = 300) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    return " ".join(str(err).split())[:limit]
+
+
 def cache_root() -> Path:
     if os.environ.get("KRPO_CACHE"):
         return Path(os.environ["KRPO_CACHE"])
@@ -157,7 +162,10 @@ def quiet_libraries() -> None:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load the tokenizer of '{path}': {short(err)}") from None
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -191,8 +199,8 @@ def load_base_model(path: str, quantization: str, dtype: torch.dtype, device: to
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ModelError(f"cannot load model '{path}': {' '.join(str(err).split())[:300]}") from None
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{path}': {short(err)}") from None
     return model.to(device) if device.type != "cuda" else model
 
 

@@ -1,7 +1,10 @@
-"""Graders: turn a completion and its reference answer into a reward.
+r"""Graders: turn a completion and its reference answer into a reward.
 
-The grader that scores rewards during training is the one evaluation uses, so a
-reported accuracy means the same thing as the training reward.
+A grader is a function `(completion: str, reference: str) -> Grade`. The grader that
+scores rewards during training is the one evaluation uses, so a reported accuracy means
+the same thing as the training reward, and `Grade.correct` means full credit.
+
+Built-in graders (the names a recipe's `reward.grader` may use):
 
 - answer_tags (the paper's): the text inside the first <answer>…</answer> is compared
   with the reference: 1.0 when equal, 0.5 when it contains the reference, 0.01 when
@@ -9,13 +12,45 @@ reported accuracy means the same thing as the training reward.
   whitespace inside the tags is ignored (the paper compares the raw text; we strip it
   so that `<answer> 20 </answer>` is not half-credited).
 - last_number: 1.0 when the last integer in the completion equals the reference, else 0.
-"""
+- numeric: the answer is the first <answer>…</answer> content, else the last
+  `\boxed{…}` (or `\fbox{…}`), else the last number in the completion. It and the
+  reference are read as numbers (signs, decimals, `1,234` thousands separators, a
+  trailing `%` ignored, `a/b` and `\frac{a}{b}` fractions) and compared with relative
+  tolerance 1e-6 (absolute 1e-9 near zero): 1.0 when equal, else 0.0. `formatted` is
+  true only when the answer came from tags or a box, not from a bare number.
+- math_verify: mathematical equivalence for competition math, decided by the
+  `math-verify` package (`pip install math-verify`; imported only when this grader is
+  asked for). The answer is the first <answer>…</answer> content, else the last
+  `\boxed{…}`; the reference may be bare LaTeX, boxed, or a `####` solution.
+  `\frac{1}{2}`, `0.5` and `1/2` are equal, as are `\sqrt{2}` and `\sqrt 2`, and
+  intervals such as `[1, 2)` are compared as sets. 1.0 when equivalent, else 0.0;
+  anything math-verify cannot parse scores 0.0. math-verify's signal-based timeouts
+  (MATH_VERIFY_TIMEOUT_S) guard against answers such as `10^{10^{10}}` when grading
+  runs on the main thread; on other threads they cannot work and are turned off.
 
+User graders: a recipe may name `package.module:function` instead of a built-in name.
+`load_grader` imports the module (it must be importable, e.g. on PYTHONPATH) and uses
+the function as `function(completion, reference)`. It may return a `Grade`, or a plain
+number (bool, int or float) that becomes `Grade(reward=float(x), correct=reward >= 1.0,
+formatted=True, extracted=None)`; anything else (or NaN/infinity) raises GraderError.
+User code is imported and run only when a recipe names it explicitly; nothing is
+discovered or imported otherwise.
+
+Answer extraction helpers: `extract_boxed`, `extract_gsm8k_answer` and
+`reference_from_solution` (the last one is for dataset loading).
+"""
 from __future__ import annotations
 
+import functools
+import importlib
+import math
+import numbers
 import re
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from fractions import Fraction
+from typing import Any
 
 _ANSWER_TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INTEGER = re.compile(r"-?\d+")
@@ -56,14 +91,263 @@ def grade_last_number(completion: str, reference: str) -> Grade:
     return Grade(1.0 if correct else 0.0, correct, True, answer)
 
 
+class GraderError(ValueError):
+    """A grader cannot be found, loaded or run (bad spec, missing package, bad return)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Answer extraction
+
+
+_BOX_START = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""The content of the last `\boxed{…}` or `\fbox{…}` in `text`, braces balanced.
+
+    Nested braces are matched (`\boxed{\frac{1}{2}}` gives `\frac{1}{2}`) and escaped
+    braces `\{`/`\}` are skipped. None when there is no box or the last one is unclosed.
+    """
+    starts = list(_BOX_START.finditer(text))
+    if not starts:
+        return None
+    begin = starts[-1].end()
+    depth = 1
+    i = begin
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            i += 2  # an escaped character, `\{` and `\}` included
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return text[begin:i].strip()
+        i += 1
+    return None
+
+
+_DIGIT_COMMA = re.compile(r"(?<=\d),(?=\d)")
+
+
+def extract_gsm8k_answer(solution: str) -> str | None:
+    """The answer after the last `####` of a GSM8K solution, stripped, `1,000` -> `1000`.
+
+    None when there is no `####` or nothing follows it.
+    """
+    _, sep, tail = solution.rpartition("####")
+    if not sep:
+        return None
+    answer = _DIGIT_COMMA.sub("", tail.strip())
+    return answer or None
+
+
+def reference_from_solution(text: str) -> str:
+    """The reference answer of a dataset solution: its `####` answer, else its last boxed
+    content, else the whole text stripped."""
+    answer = extract_gsm8k_answer(text)
+    if answer is not None:
+        return answer
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        return boxed
+    return text.strip()
+
+
+def _tagged_or_boxed(completion: str) -> str | None:
+    """The first <answer> content (its last box if it holds one), else the last box."""
+    match = _ANSWER_TAGS.search(completion)
+    if match is not None:
+        content = match.group(1)
+        boxed = extract_boxed(content)
+        return boxed if boxed is not None else content.strip()
+    return extract_boxed(completion)
+
+
+# ---------------------------------------------------------------------------------------
+# numeric
+
+# A number: optional sign, digits with optional `1,234` thousands groups, optional
+# decimals and a short exponent (kept short so that `1e999999999` cannot be built); or
+# `.5`. No match starts inside another number.
+_NUMBER = (
+    r"-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][+-]?\d{1,3}(?!\d))?"
+    r"|(?<![\d.])-?\.\d+"
+)
+_NUMERIC_TOKEN = re.compile(
+    rf"(?P<sign>-\s*)?\\[dt]?frac\s*\{{\s*(?P<fnum>{_NUMBER})\s*\}}\s*\{{\s*(?P<fden>{_NUMBER})\s*\}}"
+    rf"|(?P<num>{_NUMBER})/(?P<den>{_NUMBER})"
+    rf"|(?P<value>{_NUMBER})"
+)
+_NUMERIC_NOISE = re.compile(r"\\[!,;:]|\\\$|\\%|\$")
+
+
+def _number(token: str) -> Fraction:
+    return Fraction(token.replace(",", "").replace(" ", ""))
+
+
+def _parse_number(text: str) -> Fraction | None:
+    """The last number written in `text` (see _NUMERIC_TOKEN) as an exact fraction."""
+    text = _NUMERIC_NOISE.sub("", text.replace("\u2212", "-").replace("{,}", ","))
+    matches = list(_NUMERIC_TOKEN.finditer(text))
+    if not matches:
+        return None
+    match = matches[-1]
+    try:
+        if match.group("value") is not None:
+            return _number(match.group("value"))
+        if match.group("fnum") is not None:
+            value = _number(match.group("fnum")) / _number(match.group("fden"))
+            return -value if match.group("sign") else value
+        return _number(match.group("num")) / _number(match.group("den"))
+    except (ValueError, ZeroDivisionError):  # a zero denominator, too many digits
+        return None
+
+
+def _numbers_equal(a: Fraction, b: Fraction) -> bool:
+    """Equal within relative tolerance 1e-6, or absolute 1e-9 near zero (exact arithmetic)."""
+    return abs(a - b) <= max(Fraction(1, 10**6) * max(abs(a), abs(b)), Fraction(1, 10**9))
+
+
+def grade_numeric(completion: str, reference: str) -> Grade:
+    """1.0 when the answer (tags, else last box, else last number) equals the reference number."""
+    answer = _tagged_or_boxed(completion)
+    formatted = answer is not None
+    if answer is None:
+        bare = list(_NUMERIC_TOKEN.finditer(completion))
+        if not bare:
+            return Grade(0.0, False, False, None)
+        answer = bare[-1].group(0)
+    value = _parse_number(answer)
+    gold = _parse_number(reference_from_solution(reference))
+    correct = value is not None and gold is not None and _numbers_equal(value, gold)
+    return Grade(1.0 if correct else 0.0, correct, formatted, answer)
+
+
+# ---------------------------------------------------------------------------------------
+# math_verify
+
+MATH_VERIFY_TIMEOUT_S = 5  # per parse/comparison; used only on the main thread
+
+
+def _import_math_verify() -> Any:
+    try:
+        import math_verify
+    except ImportError as error:
+        raise GraderError(
+            f"the math_verify grader needs the math-verify package ({error}); "
+            "install it with `pip install math-verify`"
+        ) from None
+    return math_verify
+
+
+_MATH_DELIMITERS = re.compile(r"^\s*(?:\$\$?|\\\(|\\\[)(.*?)(?:\$\$?|\\\)|\\\])\s*$", re.DOTALL)
+
+
+def _as_boxed(answer: str) -> str:
+    match = _MATH_DELIMITERS.match(answer)
+    if match is not None:
+        answer = match.group(1)
+    return "\\boxed{" + answer.strip() + "}"
+
+
+def grade_math_verify(completion: str, reference: str) -> Grade:
+    """1.0 when math-verify finds the answer (tags, else last box) equivalent to the reference."""
+    mv = _import_math_verify()
+    answer = _tagged_or_boxed(completion)
+    if answer is None:
+        return Grade(0.0, False, False, None)
+    gold_text = reference_from_solution(reference)
+    # math-verify's timeouts use signal.alarm, which only works on the main thread.
+    on_main = threading.current_thread() is threading.main_thread()
+    limit = MATH_VERIFY_TIMEOUT_S if on_main else None
+    config = [mv.LatexExtractionConfig(boxed_match_priority=0), mv.ExprExtractionConfig()]
+    try:
+        gold = mv.parse(_as_boxed(gold_text), extraction_config=config, parsing_timeout=limit)
+        target = mv.parse(_as_boxed(answer), extraction_config=config, parsing_timeout=limit)
+        correct = bool(gold) and bool(target) and bool(mv.verify(gold, target, timeout_seconds=limit))
+    except Exception:  # noqa: BLE001 -- math-verify or sympy choking on odd input: no credit, no crash
+        correct = False
+    return Grade(1.0 if correct else 0.0, correct, True, answer)
+
+
+# ---------------------------------------------------------------------------------------
+# registry and user graders
+
 GRADERS: dict[str, Callable[[str, str], Grade]] = {
     "answer_tags": grade_answer_tags,
     "last_number": grade_last_number,
+    "numeric": grade_numeric,
+    "math_verify": grade_math_verify,
 }
+
+USER_GRADER_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
+
+
+def _as_grade(spec: str, result: object) -> Grade:
+    if isinstance(result, Grade):
+        return result
+    if isinstance(result, numbers.Real):
+        reward = float(result)
+        if not math.isfinite(reward):
+            raise GraderError(f"user grader {spec!r} returned {reward}; return a finite number")
+        return Grade(reward, reward >= 1.0, True, None)
+    raise GraderError(
+        f"user grader {spec!r} returned {type(result).__name__}; return a Grade or a number"
+    )
+
+
+def load_grader(spec: str) -> Callable[[str, str], Grade]:
+    """A registered grader by name, or a user grader `package.module:function`.
+
+    A user grader's module is imported here; its function may return a Grade or a
+    number, and the returned callable always gives a Grade.
+    """
+    if spec in GRADERS:
+        if spec == "math_verify":
+            _import_math_verify()  # fail now, not at the first reward
+        return GRADERS[spec]
+    if not USER_GRADER_SPEC.fullmatch(spec):
+        raise GraderError(
+            f"unknown grader {spec!r}; expected one of {', '.join(GRADERS)} "
+            "or a user grader written as package.module:function"
+        )
+    module_name, function_name = spec.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module_name + ".").startswith(error.name + "."):
+            raise GraderError(
+                f"grader {spec!r}: module {module_name!r} not found; "
+                "put it on PYTHONPATH or install its package"
+            ) from None
+        raise GraderError(f"grader {spec!r}: importing {module_name!r} failed: {error}") from error
+    except Exception as error:
+        raise GraderError(
+            f"grader {spec!r}: importing {module_name!r} failed: {type(error).__name__}: {error}"
+        ) from error
+    try:
+        function = getattr(module, function_name)
+    except AttributeError:
+        raise GraderError(
+            f"grader {spec!r}: module {module_name!r} has no attribute {function_name!r}; "
+            "check the name after the colon"
+        ) from None
+    if not callable(function):
+        raise GraderError(
+            f"grader {spec!r}: {function_name!r} is a {type(function).__name__}, not a function "
+            "(completion, reference) -> Grade | float"
+        )
+
+    @functools.wraps(function)
+    def user_grader(completion: str, reference: str) -> Grade:
+        return _as_grade(spec, function(completion, reference))
+
+    return user_grader
 
 
 def get_grader(name: str) -> Callable[[str, str], Grade]:
-    try:
-        return GRADERS[name]
-    except KeyError:
-        raise ValueError(f"unknown grader {name!r}; expected one of {', '.join(GRADERS)}") from None
+    """The grader a recipe names: a registered name or a `package.module:function`."""
+    return load_grader(name)

@@ -116,13 +116,15 @@ def generate_rollout(
 
 
 def completion_log_probs(
-    model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0
 ) -> torch.Tensor:
     """Log-probs (float32) of the completion tokens of `sequences` under `model`: (B, C).
 
     Trims the columns that are padding in every row of this batch; positions that are not
     completion tokens hold 0, passes explicit position ids (so left padding is handled as in
-    generation) and asks the model for logits at completion positions only.
+    generation) and asks the model for logits at completion positions only. Logits are
+    divided by the sampling `temperature`, so the log-probs are those of the distribution
+    the completions were drawn from (top-p/top-k truncation is not modelled).
     """
     full_width = sequences.shape[1] - prompt_length
     columns_used = attention_mask.any(dim=0).nonzero().squeeze(-1)
@@ -138,5 +140,7 @@ def completion_log_probs(
         logits_to_keep=completion.shape[1] + 1,
         use_cache=False,
     ).logits[:, :-1]
+    if temperature != 1.0:
+        logits = logits / temperature
     log_probs = token_log_probs(logits, completion) * attention_mask[:, prompt_length - first :]
     return torch.nn.functional.pad(log_probs, (0, full_width - log_probs.shape[1]))

@@ -41,13 +41,21 @@ class RunDirError(Exception):
     """The run directory cannot be used as asked."""
 
 
-def prepare_run_dir(recipe: Recipe, recipe_text: str, overwrite: bool) -> Path:
+def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
+    """The run directory, refused early (before any loading) if it holds another run."""
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(f"run directory '{run_dir}' is not empty; pass --overwrite to replace it")
-        shutil.rmtree(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory '{run_dir}' exists and is not a directory")
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(f"run directory '{run_dir}' is not empty; pass --overwrite to replace it")
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
+    """Create the run directory (replacing an old run) and save the recipe as written and as resolved."""
     try:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
         (run_dir / "recipe.original.yaml").write_text(recipe_text, encoding="utf-8")
@@ -62,13 +70,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int) -> torch.Tensor:
+def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int, temperature: float) -> torch.Tensor:
     """Completion log-probs for the given rollout rows, `micro_batch` rows per forward."""
     parts = []
     for start in range(0, len(rows), micro_batch):
         index = rows[start : start + micro_batch]
         parts.append(
-            completion_log_probs(model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length)
+            completion_log_probs(
+                model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length, temperature
+            )
         )
     return torch.cat(parts, dim=0)
 
@@ -89,14 +99,16 @@ def train(
     """Run a recipe; returns the run directory."""
     console = console or Console()
     cfg, alg, gen, opt = recipe, recipe.algorithm, recipe.generation, recipe.train
-    run_dir = prepare_run_dir(recipe, recipe_text, overwrite)
+    run_dir = check_run_dir(recipe, overwrite)
     seed_everything(cfg.run.seed)
 
+    # Everything a user can get wrong is loaded before the run directory is written.
     rows = load_rows(cfg.data, "train")
     eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
     grader = get_grader(cfg.reward.grader)
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    prepare_run_dir(run_dir, recipe, recipe_text)
     run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
                 "device": loaded.device.type, "model_path": loaded.path}
     (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
@@ -160,10 +172,10 @@ def train(
                 ref_log_probs = None
                 if alg.kl_beta > 0:
                     with model.disable_adapter():
-                        ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch)
+                        ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch, gen.temperature)
                 old_log_probs = None
                 if optimizer_steps_per_batch > 1:
-                    old_log_probs = batched_log_probs(model, rollout, everything, micro_batch)
+                    old_log_probs = batched_log_probs(model, rollout, everything, micro_batch, gen.temperature)
 
             # UPDATE: shuffled minibatches, gradient accumulation over micro-batches.
             model.train()
@@ -177,7 +189,11 @@ def train(
                     for start in range(0, len(mb_rows), micro_batch):
                         index = mb_rows[start : start + micro_batch]
                         log_probs = completion_log_probs(
-                            model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length
+                            model,
+                            rollout.sequences[index],
+                            rollout.attention_mask[index],
+                            rollout.prompt_length,
+                            gen.temperature,
                         )
                         old = old_log_probs[index] if old_log_probs is not None else log_probs.detach()
                         parts = policy_loss(

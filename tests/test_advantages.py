@@ -80,3 +80,9 @@ def test_compute_advantages_dispatch():
     assert torch.equal(compute_advantages(rewards, "krpo", measurement_noise=0.1), krpo_advantages(rewards, measurement_noise=0.1))
     with pytest.raises(ValueError, match="unknown"):
         compute_advantages(rewards, "ppo")
+
+
+def test_grpo_all_equal_nonzero_rewards_are_exactly_zero_in_float32():
+    # 0.01 ("tags but wrong") is common; its float32 group mean is off by an ulp, which ε would blow up.
+    rewards = torch.full((4, 12), 0.01, dtype=torch.float32)
+    assert torch.equal(grpo_advantages(rewards), torch.zeros(4, 12))

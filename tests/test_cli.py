@@ -65,3 +65,11 @@ def test_train_end_to_end_and_refuses_to_reuse_run_dir(tmp_path, tiny_model_dir)
     assert again.exit_code == 2
     assert "--overwrite" in again.output
     assert runner.invoke(app, ["train", str(recipe), "train.steps=1", "--overwrite"]).exit_code == 0
+
+
+def test_missing_user_grader_module_exits_2(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", reward={"grader": "no_such_pkg.mod:grade"}))
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    assert "no_such_pkg.mod" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "runs" / "tiny").exists(), "a failed start leaves nothing that blocks the next run"

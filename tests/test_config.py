@@ -96,3 +96,10 @@ def test_missing_recipe_names_shipped_ones():
     with pytest.raises(RecipeError) as info:
         load_recipe("no-such-recipe")
     assert "quickstart" in info.value.problems[0]
+
+
+def test_grader_names_and_user_specs(tmp_path):
+    assert load_recipe("quickstart", ["reward.grader=math_verify"])[0].reward.grader == "math_verify"
+    assert load_recipe("quickstart", ["reward.grader=my_pkg.graders:score"])[0].reward.grader == "my_pkg.graders:score"
+    err = recipe_error(tmp_path, {"reward": {"grader": "answer_tag"}})
+    assert "did you mean 'answer_tags'" in err.problems[0] and "reward.grader" in err.problems[0]

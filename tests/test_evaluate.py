@@ -100,3 +100,23 @@ def test_in_training_evaluation_is_logged(tmp_path, tiny_model_dir):
     metrics = read_jsonl(train_module.train(recipe) / "metrics.jsonl")
     assert ["eval/accuracy" in m for m in metrics] == [False, True, True]  # every 2 steps and at the end
     assert all(0.0 <= m["eval/accuracy"] <= 1.0 for m in metrics if "eval/accuracy" in m)
+
+
+def test_eval_user_mistakes_exit_2(run_dir, tmp_path):
+    for args, message in [
+        (["--adapter", str(tmp_path)], "not a PEFT adapter directory"),
+        (["--split", "validation", "--data", "digits"], "unknown split"),
+    ]:
+        result = runner.invoke(app, ["eval", str(run_dir), *args])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_dataset_columns_cannot_overwrite_graded_fields(tmp_path, tiny_model_dir):
+    data = tmp_path / "tricky.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1", "answer": "zzz", "reward": 1.0, "correct": True}) + "\n" for i in range(3)))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["metrics"]["accuracy"] == 0.0  # "zzz" is never the last number; the column's True is ignored

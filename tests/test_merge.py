@@ -78,3 +78,9 @@ def test_adapter_for_another_base_is_refused(tmp_path, adapter_dir):
     assert not (tmp_path / "m").exists()
     evaluated = runner.invoke(app, ["eval", str(other), "--adapter", str(adapter_dir), "--limit", "2"])
     assert evaluated.exit_code == 2 and "does not fit" in evaluated.output
+
+
+def test_merge_refuses_to_write_over_its_input(tmp_path, adapter_dir):
+    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(adapter_dir.parent), "--overwrite"])
+    assert result.exit_code == 2 and "would overwrite" in result.output
+    assert (adapter_dir / "adapter_config.json").is_file()

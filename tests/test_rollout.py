@@ -55,3 +55,15 @@ def test_generate_rollout_is_prompt_major_and_consistent(tiny_model_dir):
     )
     assert decoded == rollout.completions
     assert rollout.num_generated_tokens == int(rollout.completion_mask.sum())
+
+
+def test_completion_log_probs_use_the_sampling_temperature(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    sequences = torch.tensor([[10, 11, 12, 30, 31]])
+    mask = torch.ones_like(sequences)
+    got = completion_log_probs(model, sequences, mask, prompt_length=3, temperature=2.0)
+    with torch.no_grad():
+        logits = model(sequences).logits[0, 2:4] / 2.0
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor([[30], [31]])).squeeze(-1)
+    assert torch.allclose(got[0], expected, atol=1e-5)
+    assert not torch.allclose(got, completion_log_probs(model, sequences, mask, prompt_length=3), atol=1e-3)
