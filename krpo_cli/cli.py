@@ -102,6 +102,26 @@ def validate(
     console.print(f"{recipe}: ok")
 
 
+@app.command()
+def recipes(
+    keys: Annotated[bool, typer.Option("--keys", help="Print every recipe key with its type, default and meaning.")] = False,
+) -> None:
+    """List the shipped recipes (name them without a path: krpo train quickstart)."""
+    from krpo_cli.recipe_docs import reference_markdown, shipped_recipes
+
+    if keys:
+        sys.stdout.write(reference_markdown())
+        return
+    from rich.table import Table
+
+    table = Table(show_edge=False)
+    table.add_column("recipe", style="bold")
+    table.add_column("what it trains")
+    for name, description in shipped_recipes():
+        table.add_row(name, description)
+    console.print(table)
+
+
 @app.command("eval")
 def eval_command(
     target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id, directory, .gguf, embedded name).")],

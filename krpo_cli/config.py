@@ -70,22 +70,38 @@ class LoraSettings(_Strict):
 
 
 class DataSettings(_Strict):
-    source: Literal["arithmetic", "digits", "jsonl"] = Field(
+    source: Literal["arithmetic", "digits", "file", "hub"] = Field(
         "arithmetic",
-        description="arithmetic: the paper's generated set; digits: one-digit + and - (quickstart); jsonl: a local file.",
+        description="arithmetic: the paper's generated set; digits: one-digit + and - (quickstart); "
+        "file: a local JSONL/JSON/Parquet/CSV file; hub: a Hugging Face hub dataset id.",
     )
     difficulty: Literal["easy", "normal", "hard"] = Field("normal", description="Arithmetic preset (terms/digits).")
-    path: str | None = Field(None, description="Local JSONL file (source: jsonl).")
+    path: str | None = Field(None, description="The file (source: file) or hub dataset id (source: hub).")
+    config: str | None = Field(None, description="Hub dataset configuration, e.g. 'main' for openai/gsm8k.")
+    train_split: str = Field("train", description="Split to train on (slicing like 'train[:10000]' works on the hub).")
+    test_split: str | None = Field(
+        "test", description="Split to evaluate on; when the source has none, test_size rows are held out."
+    )
+    test_size: float = Field(0.1, ge=0, description="Held-out rows when there is no test split: a fraction (<1) or a count.")
+    split_seed: int = Field(42, description="Seed of the held-out split.")
     question_field: str = Field("question", description="Field holding the question.")
-    answer_field: str = Field("answer", description="Field holding the reference answer.")
+    answer_field: str = Field("answer", description="Field holding the reference answer (or a solution to extract it from).")
+    answer_format: Literal["auto", "raw", "gsm8k", "boxed"] = Field(
+        "auto",
+        description="How to read the reference: gsm8k ('#### 72'), boxed (last \\boxed{}), raw, or auto (either, else raw).",
+    )
+    filters: dict[str, list[str | int]] = Field(
+        default_factory=dict, description="Keep rows whose field has one of these values, e.g. {type: [Algebra]}."
+    )
+    max_question_chars: int | None = Field(None, ge=1, description="Drop questions longer than this many characters.")
     system_prompt: str = Field(PAPER_SYSTEM_PROMPT, description="System message of every prompt ('' for none).")
     prompt_template: str = Field("{question}", description="User message; {question} is replaced.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
 
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
-        if self.source == "jsonl" and not self.path:
-            raise ValueError("data.path is required when data.source is 'jsonl'")
+        if self.source in ("file", "hub") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
         if "{question}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain {question}")
         return self

@@ -7,12 +7,17 @@ with the model's chat template.
 
 from __future__ import annotations
 
-import json
+import codecs
+import os
 import random
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
 from krpo_cli.config import DataSettings
+from krpo_cli.models import short
+from krpo_cli.rewards import extract_boxed, extract_gsm8k_answer, reference_from_solution
 
 
 class DataError(Exception):
@@ -37,34 +42,135 @@ def digit_problems(seed: int = 0) -> list[dict]:
 
 
 DIGITS_TEST_SIZE = 50
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def _read_jsonl(path: Path, question_field: str, answer_field: str) -> list[dict]:
-    if not path.is_file():
-        raise DataError(f"dataset file '{path}' does not exist")
-    rows = []
+def _is_utf8(path: Path) -> bool:
+    decoder = codecs.getincrementaldecoder("utf-8")()
     try:
-        with path.open(encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}:{line_number}: not valid JSON ({err.msg})") from None
-                if not isinstance(row, dict) or question_field not in row or answer_field not in row:
-                    raise DataError(
-                        f"{path}:{line_number}: a row needs the fields '{question_field}' and '{answer_field}' "
-                        "(set data.question_field / data.answer_field)"
-                    )
-                row = dict(row)
-                row["question"] = str(row.pop(question_field))
-                row["answer"] = str(row.pop(answer_field))
-                rows.append(row)
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError:
-        raise DataError(f"dataset file '{path}' is not UTF-8 text") from None
-    if not rows:
-        raise DataError(f"dataset file '{path}' has no rows")
+        return False
+    return True
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return err
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the hub endpoint: the datasets library would retry for ~20 s."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_table(settings: DataSettings, split_name: str):
+    """One split of a local file or hub dataset as a `datasets.Dataset` (None if the split does not exist)."""
+    if settings.source == "file":
+        path = Path(settings.path).expanduser()
+        if not path.is_file():
+            raise DataError(f"dataset file '{path}' does not exist")
+        builder = FILE_FORMATS.get(path.suffix.lower())
+        if builder is None:
+            raise DataError(f"dataset file '{path}': unsupported format; use one of {', '.join(FILE_FORMATS)}")
+        if split_name != settings.train_split:
+            return None  # a single file is one split; the test rows are held out from it
+        if path.stat().st_size == 0:
+            raise DataError(f"dataset file '{path}' is empty")
+        if builder != "parquet" and not _is_utf8(path):
+            raise DataError(f"dataset file '{path}' is not UTF-8 text; convert it (e.g. iconv -t UTF-8)")
+        import datasets
+
+        datasets.disable_progress_bars()
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as err:  # the datasets library raises many types for a malformed file
+            raise DataError(f"cannot read '{path}' as {builder}: {short(_root_cause(err))}") from None
+
+    reachable = _hub_reachable()
+    if not reachable:  # use the local cache only, and fail at once if it is not there
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        names = datasets.get_dataset_split_names(settings.path, settings.config)
+        base = split_name.split("[")[0]
+        if base not in names:
+            return None
+        return datasets.load_dataset(settings.path, settings.config, split=split_name)
+    except Exception as err:
+        if not reachable:
+            raise DataError(
+                f"cannot reach the hub to fetch '{settings.path}' and it is not in the local cache; "
+                "save it as a JSONL/Parquet/CSV file and set data.source=file data.path=FILE"
+            ) from None
+        raise DataError(f"cannot load '{settings.path}' from the hub: {short(err)}") from None
+
+
+def _normalise(record: dict, settings: DataSettings, where: str) -> dict:
+    """A source record as krpo's row: question, answer (extracted), and its other short columns."""
+    missing = [f for f in (settings.question_field, settings.answer_field) if f not in record]
+    if missing:
+        raise DataError(
+            f"{where}: rows have no field '{missing[0]}' (columns: {', '.join(record)}); "
+            "set data.question_field / data.answer_field"
+        )
+    answer = str(record[settings.answer_field])
+    if settings.answer_format == "auto":
+        answer = reference_from_solution(answer)
+    elif settings.answer_format == "gsm8k":
+        answer = extract_gsm8k_answer(answer) or answer.strip()
+    elif settings.answer_format == "boxed":
+        answer = extract_boxed(answer) or answer.strip()
+    row = {"question": str(record[settings.question_field]), "answer": answer}
+    for key, value in record.items():
+        if key not in (settings.question_field, settings.answer_field) and isinstance(value, (str, int, bool)):
+            if not isinstance(value, str) or len(value) <= 100:  # keep labels, not long texts
+                row[key] = value
+    return row
+
+
+def _table_rows(settings: DataSettings, split: str) -> list[dict]:
+    """Train or test rows of a file/hub dataset; a source with one split gets a seeded hold-out."""
+    where = settings.path
+    train_table = _load_table(settings, settings.train_split)
+    if train_table is None:
+        raise DataError(f"'{where}' has no split '{settings.train_split}' (set data.train_split)")
+    test_table = _load_table(settings, settings.test_split) if settings.test_split else None
+    if test_table is None:
+        rows = [_normalise(r, settings, where) for r in train_table]
+        held = settings.test_size if settings.test_size >= 1 else round(settings.test_size * len(rows))
+        held = int(min(held, len(rows) - 1))
+        order = list(range(len(rows)))
+        random.Random(settings.split_seed).shuffle(order)
+        chosen = sorted(order[:held]) if split == "test" else sorted(order[held:])
+        return [rows[i] for i in chosen]
+    table = train_table if split == "train" else test_table
+    return [_normalise(r, settings, where) for r in table]
+
+
+def _filter(rows: list[dict], settings: DataSettings) -> list[dict]:
+    for field_name, allowed in settings.filters.items():
+        if rows and field_name not in rows[0]:
+            raise DataError(f"data.filters: rows have no field '{field_name}' (columns: {', '.join(rows[0])})")
+        wanted = {str(v) for v in allowed}
+        rows = [row for row in rows if str(row.get(field_name)) in wanted]
+    if settings.max_question_chars is not None:
+        rows = [row for row in rows if len(row["question"]) <= settings.max_question_chars]
     return rows
 
 
@@ -80,9 +186,12 @@ def load_rows(settings: DataSettings, split: str = "train") -> list[dict]:
         rows = digit_problems()
         rows = rows[DIGITS_TEST_SIZE:] if split == "train" else rows[:DIGITS_TEST_SIZE]
     else:
-        rows = _read_jsonl(Path(settings.path), settings.question_field, settings.answer_field)
+        rows = _table_rows(settings, split)
+    rows = _filter(rows, settings)
     if split == "train" and settings.max_samples is not None:
         rows = rows[: settings.max_samples]
+    if not rows:
+        raise DataError(f"the {split} split of the dataset is empty (after filters)")
     return rows
 
 
@@ -92,11 +201,12 @@ BUILTIN_DATASETS = ("digits", "arithmetic", *(f"arithmetic-{d}" for d in DIFFICU
 def load_eval_rows(spec: str | None, settings: DataSettings, split: str = "test") -> tuple[list[dict], str]:
     """Rows to evaluate on and a name for them.
 
-    `spec` is None (the recipe's own dataset), a built-in name (`digits`, `arithmetic`,
-    `arithmetic-easy|normal|hard`) or a local JSONL file with the recipe's field names.
+    `spec` is None (the recipe's own dataset, test split), a built-in name (`digits`,
+    `arithmetic`, `arithmetic-easy|normal|hard`) or a local file with the recipe's field
+    names (all of its rows).
     """
     if spec is None:
-        name = settings.path if settings.source == "jsonl" else settings.source
+        name = settings.path if settings.source in ("file", "hub") else settings.source
         if settings.source == "arithmetic":
             name = f"arithmetic-{settings.difficulty}"
         return load_rows(settings, split), f"{name} ({split})"
@@ -104,8 +214,11 @@ def load_eval_rows(spec: str | None, settings: DataSettings, split: str = "test"
         source, _, difficulty = spec.partition("-")
         chosen = settings.model_copy(update={"source": source, "difficulty": difficulty or "hard", "max_samples": None})
         return load_rows(chosen, split), f"{spec} ({split})"
-    chosen = settings.model_copy(update={"source": "jsonl", "path": spec, "max_samples": None})
-    return load_rows(chosen, split), spec
+    chosen = settings.model_copy(update={"source": "file", "path": spec, "max_samples": None, "test_size": 0})
+    rows = _filter([_normalise(r, chosen, spec) for r in _load_table(chosen, chosen.train_split)], chosen)
+    if not rows:
+        raise DataError(f"'{spec}' has no rows (after filters)")
+    return rows, spec
 
 
 def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:

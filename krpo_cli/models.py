@@ -32,7 +32,7 @@ class ModelError(Exception):
 
 def short(err: Exception, limit: int = 300) -> str:
     """An exception's message on one line, cut to `limit` characters."""
-    return " ".join(str(err).split())[:limit]
+    return " ".join(str(err).split())[:limit] or type(err).__name__
 
 
 def cache_root() -> Path:

@@ -73,3 +73,27 @@ def test_missing_user_grader_module_exits_2(tmp_path, tiny_model_dir):
     assert result.exit_code == 2
     assert "no_such_pkg.mod" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "runs" / "tiny").exists(), "a failed start leaves nothing that blocks the next run"
+
+
+def test_recipes_lists_every_shipped_recipe_with_a_description():
+    from krpo_cli.config import RECIPES_DIR
+
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0
+    for path in RECIPES_DIR.glob("*.yaml"):
+        assert path.stem in result.output
+    assert "grade-school math" in result.output
+
+
+def test_docs_recipe_reference_is_generated_from_the_models():
+    from pathlib import Path
+
+    from krpo_cli.config import Recipe
+    from krpo_cli.recipe_docs import reference_markdown
+
+    text = reference_markdown()
+    docs = Path(__file__).resolve().parent.parent / "docs" / "recipes.md"
+    assert docs.read_text(encoding="utf-8") == text, "regenerate with: krpo recipes --keys > docs/recipes.md"
+    for section, field in Recipe.model_fields.items():
+        for key in field.annotation.model_fields:
+            assert f"`{section}.{key}" in text
