@@ -39,9 +39,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from krpo_cli.data import DataError
     from krpo_cli.models import ModelError
     from krpo_cli.rewards import GraderError
+    from krpo_cli.checkpoint import CheckpointError
     from krpo_cli.train import RunDirError
 
-    return RecipeError, DataError, ModelError, RunDirError, GraderError
+    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError
 
 
 def report(err: Exception) -> None:
@@ -75,14 +76,25 @@ def train(
         Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.learning_rate=1e-5.")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
+    resume_from: Annotated[
+        Optional[Path], typer.Option("--resume-from", help="Continue the run from this checkpoint directory.")
+    ] = None,
 ) -> None:
     """Train a LoRA adapter with KRPO (or GRPO) as a recipe describes."""
     from krpo_cli.config import load_recipe
+    from krpo_cli.train import NumericalFailure, TrainingInterrupted
     from krpo_cli.train import train as run_training
 
     try:
         loaded, text = load_recipe(recipe, overrides or [])
-        run_training(loaded, text, overwrite=overwrite, console=console)
+        run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
+    except TrainingInterrupted as stop:
+        again = " ".join(["krpo train", recipe, *(overrides or []), "--resume"])
+        errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}", highlight=False)
+        raise typer.Exit(130)
+    except NumericalFailure as err:
+        fail(str(err), code=1)
     except user_errors() as err:
         report(err)
 

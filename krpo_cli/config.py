@@ -166,6 +166,9 @@ class TrainSettings(_Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_consecutive_skips: int = Field(
+        5, ge=1, description="Stop after this many consecutive updates skipped for a non-finite loss or gradient."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSettings":
@@ -184,6 +187,8 @@ class EvalSettings(_Strict):
 
 class OutputSettings(_Strict):
     samples_per_step: int = Field(4, ge=0, description="Completions per step written to samples.jsonl.")
+    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps (and after the last step).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
 
 
 class Recipe(_Strict):

@@ -242,6 +242,15 @@ class PromptSampler:
         self.position = 0
         self.epoch = 0
 
+    def state(self) -> dict:
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": (version, list(internal), gauss), "order": self.order, "position": self.position, "epoch": self.epoch}
+
+    def load_state(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.position, self.epoch = list(state["order"]), state["position"], state["epoch"]
+
     def next_batch(self, size: int) -> list[dict]:
         batch = []
         while len(batch) < size:

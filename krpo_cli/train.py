@@ -18,15 +18,27 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 import statistics
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from rich.console import Console
 
 from krpo_cli.advantages import compute_advantages
+from krpo_cli.checkpoint import (
+    CHECKPOINTS,
+    CheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+    set_rng_state,
+)
 from krpo_cli.config import Recipe, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
 from krpo_cli.evaluate import evaluate_model
@@ -41,14 +53,111 @@ class RunDirError(Exception):
     """The run directory cannot be used as asked."""
 
 
-def check_run_dir(recipe: Recipe, overwrite: bool) -> Path:
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the run at a safe point, after a checkpoint was written."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        self.step, self.checkpoint = step, checkpoint
+        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
+
+
+class NumericalFailure(Exception):
+    """Too many consecutive non-finite updates."""
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one
+    falls through to the default handler (immediate exit)."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.signal: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self.console.print("stopping after this step (a checkpoint will be written); interrupt again to abort now")
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# Keys that may differ between a run and its resumption: they do not change what was computed so far.
+RESUMABLE_CHANGES = ("train.steps", "output.", "eval.", "generation.batch_size", "train.max_consecutive_skips")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
+    saved_path = run_dir / "recipe.yaml"
+    try:
+        saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError, AttributeError):
+        raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None
+    current = flatten(recipe.model_dump(mode="json"))
+    differing = sorted(
+        key for key in set(saved) | set(current)
+        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if differing:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} → {current.get(k)!r})" for k in differing[:4])
+        raise CheckpointError(
+            f"the checkpoint in '{run_dir}' was made with a different recipe: {shown}; "
+            "resume with the same recipe, or start over with --overwrite"
+        )
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines written after the checkpoint (a crashed run may have logged later steps)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     """The run directory, refused early (before any loading) if it holds another run."""
     run_dir = Path(recipe.run.output_dir) / recipe.run.name
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"run directory '{run_dir}' exists and is not a directory")
-    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-        raise RunDirError(f"run directory '{run_dir}' is not empty; pass --overwrite to replace it")
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; choose one")
+    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+        raise RunDirError(
+            f"run directory '{run_dir}' is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
     return run_dir
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
+    if isinstance(resume, str) and resume:
+        path = Path(resume)
+        if not (path / "trainer_state.pt").is_file():
+            raise CheckpointError(f"'{path}' is not a krpo checkpoint (no trainer_state.pt)")
+        return path
+    remove_partial_checkpoints(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume in '{run_dir}/{CHECKPOINTS}'; start over with --overwrite")
+    return found[-1]
 
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
@@ -95,11 +204,16 @@ def train(
     overwrite: bool = False,
     console: Console | None = None,
     device: torch.device | None = None,
+    resume: str | bool = False,
 ) -> Path:
-    """Run a recipe; returns the run directory."""
+    """Run a recipe; returns the run directory. `resume`: True for the latest checkpoint, or a path."""
     console = console or Console()
     cfg, alg, gen, opt = recipe, recipe.algorithm, recipe.generation, recipe.train
-    run_dir = check_run_dir(recipe, overwrite)
+    run_dir = check_run_dir(recipe, overwrite, bool(resume))
+    checkpoint = None
+    if resume:
+        checkpoint = find_resume_checkpoint(run_dir, resume)
+        check_resumable(run_dir, recipe)
     seed_everything(cfg.run.seed)
 
     # Everything a user can get wrong is loaded before the run directory is written.
@@ -108,7 +222,8 @@ def train(
     grader = get_grader(cfg.reward.grader)
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    prepare_run_dir(run_dir, recipe, recipe_text)
+    if checkpoint is None:
+        prepare_run_dir(run_dir, recipe, recipe_text)
     run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
                 "device": loaded.device.type, "model_path": loaded.path}
     (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
@@ -132,12 +247,28 @@ def train(
     minibatch = opt.minibatch_size
     micro_batch = opt.micro_batch_size or minibatch
     optimizer_steps_per_batch = opt.epochs_per_batch * -(-rollout_size // minibatch)
-    metrics_log = JsonlWriter(run_dir / "metrics.jsonl")
+    first_step = 1
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        sampler.load_state(state["sampler"])
+        shuffle.set_state(state["shuffle"])
+        set_rng_state(state["rng"])
+        first_step = state["step"] + 1
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            truncate_jsonl(run_dir / name, state["step"])
+        console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False)
+    metrics_log = JsonlWriter(run_dir / "metrics.jsonl")  # creates the file (append mode)
     samples_log = JsonlWriter(run_dir / "samples.jsonl")
-    reward_history: list[float] = []
+    logged = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    reward_history = [json.loads(line)["reward_mean"] for line in logged if line]
+    consecutive_skips = 0
 
-    with StepProgress(console, opt.steps) as progress:
-        for step in range(1, opt.steps + 1):
+    def checkpoint_now(step: int) -> Path:
+        trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state()}
+        return save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, cfg.output.keep_checkpoints)
+
+    with StepProgress(console, opt.steps, first_step - 1) as progress, StopRequest(console) as stop:
+        for step in range(first_step, opt.steps + 1):
             step_started = time.perf_counter()
 
             # ROLLOUT: one batched generation for all prompts × G samples.
@@ -214,7 +345,15 @@ def train(
                     if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
                         optimizer.zero_grad(set_to_none=True)
                         skipped += 1
+                        consecutive_skips += 1
+                        console.print(f"step {step}: non-finite loss or gradient, update skipped", highlight=False)
+                        if consecutive_skips >= opt.max_consecutive_skips:
+                            raise NumericalFailure(
+                                f"{consecutive_skips} consecutive updates had a non-finite loss or gradient (step {step}); "
+                                "try a lower train.learning_rate, model.dtype=float32, or a smaller algorithm.kl_beta"
+                            )
                         continue
+                    consecutive_skips = 0
                     optimizer.step()
                     scheduler.step()
                     losses.append(mb_loss)
@@ -264,6 +403,12 @@ def train(
                 )
             reward_history.append(metrics["reward_mean"])
             progress.update(metrics)
+            if step % cfg.output.save_every == 0 or step == opt.steps or stop.signal is not None:
+                saved = checkpoint_now(step)
+                if stop.signal is not None and step < opt.steps:
+                    metrics_log.close()
+                    samples_log.close()
+                    raise TrainingInterrupted(step, saved)
 
     metrics_log.close()
     samples_log.close()

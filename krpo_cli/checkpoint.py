@@ -1,0 +1,115 @@
+"""Checkpoints: everything a run needs to continue exactly where it stopped.
+
+A checkpoint is `RUN/checkpoints/step_NNNNNN/` with the adapter (PEFT files), the optimizer
+and scheduler state, every RNG state (Python, NumPy, torch, CUDA), the prompt sampler's order
+and position, and the step. It is written into a temporary directory that is renamed into
+place, so a process killed mid-write leaves the previous checkpoint intact; only the last
+`output.keep_checkpoints` are kept. States are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+class CheckpointError(Exception):
+    """A checkpoint cannot be used to resume; the message says why."""
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with file.open("rb") as f:
+                os.fsync(f.fileno())
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Temporary directories left by a process killed while writing a checkpoint."""
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
+    root = run_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    staging = root / f".tmp-step_{step:06d}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    model.save_pretrained(staging / "adapter")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
+        staging / "trainer_state.pt",
+    )
+    (staging / "step.json").write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+    _fsync_tree(staging)
+    if final.exists():
+        shutil.rmtree(final)
+    staging.rename(final)  # atomic: the checkpoint either exists whole or not at all
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restore adapter, optimizer and scheduler in place; returns the trainer state (RNG not yet set)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); resume from an older one with --resume PATH") from None
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"checkpoint '{path}' does not fit this model (unexpected weights, e.g. {result.unexpected_keys[0]})")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:
+        raise CheckpointError(f"checkpoint '{path}' does not fit this recipe's adapter: {err}") from None
+    scheduler.load_state_dict(state["scheduler"])
+    return state

@@ -1,0 +1,147 @@
+"""Checkpoints and resumption: exact continuation, interruptions, kills mid-write."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from krpo_cli import train as train_module
+from krpo_cli.checkpoint import list_checkpoints
+from krpo_cli.cli import app
+from krpo_cli.config import Recipe
+from krpo_cli.rewards import Grade
+from conftest import read_jsonl, tiny_recipe, write_recipe
+
+runner = CliRunner()
+TIMING_KEYS = {"tokens_per_s", "rollout_seconds", "update_seconds", "step_seconds"}
+
+
+def varied_grader(completion: str, reference: str) -> Grade:
+    reward = (sum(map(ord, completion)) % 5) / 4 if completion else 0.0
+    return Grade(reward, reward == 1.0, True, None)
+
+
+def untimed(lines):
+    return [{k: v for k, v in line.items() if k not in TIMING_KEYS} for line in lines]
+
+
+def adapter_weights(run_dir: Path) -> dict:
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(train_module, "get_grader", lambda name: varied_grader)
+    straight = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "a", train={"steps": 4}, output={"save_every": 2}))
+    full = train_module.train(straight)
+
+    first_half = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "b", train={"steps": 2}, output={"save_every": 2}))
+    resumed_dir = train_module.train(first_half)
+    second_half = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "b", train={"steps": 4}, output={"save_every": 2}))
+    assert train_module.train(second_half, resume=True) == resumed_dir
+
+    a, b = adapter_weights(full), adapter_weights(resumed_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    assert untimed(read_jsonl(full / "metrics.jsonl")) == untimed(read_jsonl(resumed_dir / "metrics.jsonl"))
+    assert read_jsonl(full / "samples.jsonl") == read_jsonl(resumed_dir / "samples.jsonl")
+    assert [p.name for p in list_checkpoints(resumed_dir)] == ["step_000002", "step_000004"]
+
+
+def test_non_empty_run_dir_names_both_options_and_bad_resumes_exit_2(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    again = runner.invoke(app, ["train", str(recipe)])
+    assert again.exit_code == 2 and "--resume" in again.output and "--overwrite" in again.output
+    changed = runner.invoke(app, ["train", str(recipe), "--resume", "train.learning_rate=0.5"])
+    assert changed.exit_code == 2 and "train.learning_rate" in changed.output and "different recipe" in changed.output
+    nothing = runner.invoke(app, ["train", str(recipe), "--resume-from", str(tmp_path)])
+    assert nothing.exit_code == 2 and "not a krpo checkpoint" in nothing.output
+    more = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])
+    assert more.exit_code == 0, more.output
+    assert "resumed from" in more.output
+    assert [m["step"] for m in read_jsonl(tmp_path / "runs" / "tiny" / "metrics.jsonl")] == [1, 2]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    (checkpoint,) = list_checkpoints(tmp_path / "runs" / "tiny")
+    (checkpoint / "adapter" / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    result = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])
+    assert result.exit_code == 2 and "cannot be read" in result.output and "Traceback" not in result.output
+
+
+def start_training(recipe: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "krpo_cli", "train", str(recipe)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def wait_for_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list_checkpoints(run_dir):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.03, 0.11, 0.37])
+def test_sigkill_at_any_point_leaves_a_resumable_run(tmp_path, tiny_model_dir, delay):
+    """save_every=1, so a kill lands in a step or in a checkpoint write depending on the delay."""
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 40}, output={"save_every": 1})
+    )
+    run_dir = tmp_path / "runs" / "tiny"
+    process = start_training(recipe)
+    wait_for_checkpoint(run_dir, process)
+    time.sleep(delay)
+    process.kill()
+    process.wait()
+    result = runner.invoke(app, ["train", str(recipe), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, 41))
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "partial checkpoints are cleaned up"
+
+
+def test_sigkill_leftover_partial_checkpoint_is_ignored(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 2}, output={"save_every": 1}))
+    assert runner.invoke(app, ["train", str(recipe), "train.steps=1"]).exit_code == 0
+    partial = tmp_path / "runs" / "tiny" / "checkpoints" / ".tmp-step_000002-999"
+    (partial / "adapter").mkdir(parents=True)  # what a kill during a write leaves behind
+    (partial / "trainer_state.pt").write_bytes(b"half")
+    result = runner.invoke(app, ["train", str(recipe), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "step 1 done" in result.output and not partial.exists()
+
+
+def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, tiny_model_dir):
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 400}, output={"save_every": 100})
+    )
+    run_dir = tmp_path / "runs" / "tiny"
+    process = start_training(recipe)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").is_file() or not (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "--resume" in output and "Traceback" not in output
+    (checkpoint,) = list_checkpoints(run_dir)
+    stopped_at = int(checkpoint.name.split("_")[1])
+    assert 1 <= stopped_at < 400
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+    resumed = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=" + str(stopped_at + 2)])
+    assert resumed.exit_code == 0, resumed.output
+    assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == stopped_at + 2
