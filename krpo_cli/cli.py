@@ -49,7 +49,9 @@ def report(err: Exception) -> None:
     from krpo_cli.config import RecipeError
 
     if isinstance(err, RecipeError):
-        lines = [f"{err.source}: {len(err.problems)} problem(s)"] + [f"  - {p}" for p in err.problems]
+        if len(err.problems) == 1:
+            fail(f"{err.source}: {err.problems[0]}")
+        lines = [f"{err.source}: {len(err.problems)} problems"] + [f"  - {p}" for p in err.problems]
         fail("\n".join(lines))
     fail(str(err))
 

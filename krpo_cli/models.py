@@ -199,7 +199,7 @@ def load_base_model(path: str, quantization: str, dtype: torch.dtype, device: to
         kwargs["device_map"] = {"": device.index or 0}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, safetensors' own error for a corrupt file, …
         raise ModelError(f"cannot load model '{path}': {short(err)}") from None
     return model.to(device) if device.type != "cuda" else model
 
