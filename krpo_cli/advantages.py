@@ -29,6 +29,23 @@ def _check_rewards(rewards: torch.Tensor) -> None:
         raise ValueError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
 
 
+def reading_order(rewards: torch.Tensor, order: str = "sampled", generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per group, the positions in the order the filter reads them: (num_groups, G) indices.
+
+    sampled: as generated; sorted: ascending reward (ties keep sampled order); shuffled: a
+    random permutation per group drawn from `generator`.
+    """
+    num_groups, group_size = rewards.shape
+    if order == "sampled":
+        return torch.arange(group_size, device=rewards.device).expand(num_groups, group_size)
+    if order == "sorted":
+        return torch.sort(rewards, dim=1, stable=True).indices
+    if order == "shuffled":
+        keys = torch.rand(num_groups, group_size, generator=generator).to(rewards.device)
+        return torch.argsort(keys, dim=1)
+    raise ValueError(f"unknown kalman order {order!r}; expected sampled, shuffled or sorted")
+
+
 def krpo_advantages(
     rewards: torch.Tensor,
     process_noise: float = 1e-5,
@@ -36,26 +53,39 @@ def krpo_advantages(
     init_mean: float = 0.0,
     init_var: float = 1.0,
     eps: float = 1e-8,
+    order: str = "sampled",
+    adaptive: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """KRPO advantages: one Kalman filter per group, rewards read in sampled order.
 
     Vectorised across groups; the Python loop runs over the G positions only.
     Computed in float64 so that the tiny posterior variances stay accurate, then cast
     back to the rewards' dtype.
+
+    Options beyond the paper (off by default): `order` changes the order in which a
+    group's rewards enter the filter (advantages are returned in sampled positions);
+    `adaptive` replaces the fixed R, for the i-th reward, by the sample variance of the
+    i−1 rewards the filter has already read (once there are at least two), never below
+    `measurement_noise`.
     """
     _check_rewards(rewards)
-    r = rewards.to(torch.float64)
+    index = reading_order(rewards, order, generator)
+    r = rewards.to(torch.float64).gather(1, index)
     num_groups, group_size = r.shape
     estimate = torch.full((num_groups,), float(init_mean), dtype=torch.float64, device=r.device)
-    variance = float(init_var)  # the same for every group: it never depends on the rewards
+    variance = torch.full((num_groups,), float(init_var), dtype=torch.float64, device=r.device)
+    noise = torch.full((num_groups,), float(measurement_noise), dtype=torch.float64, device=r.device)
     advantages = torch.empty_like(r)
     for i in range(group_size):
+        if adaptive and i >= 2:
+            noise = r[:, :i].var(dim=1, unbiased=True).clamp(min=measurement_noise)
         prior_variance = variance + process_noise
-        gain = prior_variance / (prior_variance + measurement_noise)
+        gain = prior_variance / (prior_variance + noise)
         estimate = estimate + gain * (r[:, i] - estimate)
         variance = (1.0 - gain) * prior_variance
-        advantages[:, i] = (r[:, i] - estimate) / (variance + eps) ** 0.5
-    return advantages.to(rewards.dtype)
+        advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
+    return torch.empty_like(advantages).scatter_(1, index, advantages).to(rewards.dtype)
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -76,13 +106,35 @@ def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return advantages.masked_fill(all_equal, 0.0).to(rewards.dtype)
 
 
-ESTIMATORS = ("krpo", "grpo")
+def dr_grpo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO's advantages: r − group mean, without dividing by the std."""
+    _check_rewards(rewards)
+    return rewards - rewards.mean(dim=1, keepdim=True)
 
 
-def compute_advantages(rewards: torch.Tensor, estimator: str, **kalman) -> torch.Tensor:
+def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
+    """REINFORCE leave-one-out: r_i − mean of the other G−1 rewards of the group."""
+    _check_rewards(rewards)
+    group_size = rewards.shape[1]
+    if group_size < 2:
+        raise ValueError("RLOO needs at least 2 completions per group")
+    others = (rewards.sum(dim=1, keepdim=True) - rewards) / (group_size - 1)
+    return rewards - others
+
+
+ESTIMATORS = ("krpo", "grpo", "dr_grpo", "rloo")
+
+
+def compute_advantages(
+    rewards: torch.Tensor, estimator: str, generator: torch.Generator | None = None, **kalman
+) -> torch.Tensor:
     """Dispatch on the recipe's `algorithm.advantage`; `kalman` holds krpo's filter settings."""
     if estimator == "krpo":
-        return krpo_advantages(rewards, **kalman)
+        return krpo_advantages(rewards, generator=generator, **kalman)
     if estimator == "grpo":
         return grpo_advantages(rewards, eps=kalman.get("eps", 1e-8))
+    if estimator == "dr_grpo":
+        return dr_grpo_advantages(rewards)
+    if estimator == "rloo":
+        return rloo_advantages(rewards)
     raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")

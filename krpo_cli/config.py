@@ -134,10 +134,18 @@ class KalmanSettings(_Strict):
     init_mean: float = Field(0.0, description="Initial baseline estimate x̂₀.")
     init_var: float = Field(1.0, gt=0, description="Initial baseline variance P₀.")
     eps: float = Field(1e-8, gt=0, description="Added to the variance before the square root.")
+    order: Literal["sampled", "shuffled", "sorted"] = Field(
+        "sampled", description="Order in which a group's rewards enter the filter (the paper: sampled)."
+    )
+    adaptive: bool = Field(
+        False, description="Estimate R from the spread of the rewards read so far (floored at measurement_noise)."
+    )
 
 
 class AlgorithmSettings(_Strict):
-    advantage: Literal["krpo", "grpo"] = Field("krpo", description="Advantage estimator.")
+    advantage: Literal["krpo", "grpo", "dr_grpo", "rloo"] = Field(
+        "krpo", description="Advantage estimator: krpo (the paper), grpo, dr_grpo (mean-centred, no std), rloo (leave-one-out)."
+    )
     group_size: int = Field(12, ge=2, description="Completions sampled per prompt (G).")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
     kl_beta: float = Field(0.01, ge=0, description="Weight β of the KL penalty to the reference (adapter off).")

@@ -293,7 +293,7 @@ def train(
             groups = rewards.view(opt.prompts_per_step, alg.group_size)
 
             # ADVANTAGE: per prompt, in sampled order.
-            advantages = compute_advantages(groups, alg.advantage, **kalman).flatten().to(loaded.device)
+            advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman).flatten().to(loaded.device)
 
             # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
             update_started = time.perf_counter()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,55 @@ def test_grpo_all_equal_nonzero_rewards_are_exactly_zero_in_float32():
     # 0.01 ("tags but wrong") is common; its float32 group mean is off by an ulp, which ε would blow up.
     rewards = torch.full((4, 12), 0.01, dtype=torch.float32)
     assert torch.equal(grpo_advantages(rewards), torch.zeros(4, 12))
+
+
+def test_dr_grpo_and_rloo_hand_computed():
+    from krpo_cli.advantages import dr_grpo_advantages, rloo_advantages
+
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    assert dr_grpo_advantages(rewards)[0].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    # leave-one-out: the others' mean is 0 for the first, 1/3 for each of the rest
+    assert rloo_advantages(rewards)[0].tolist() == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3])
+    assert torch.equal(compute_advantages(rewards, "rloo"), rloo_advantages(rewards))
+    assert torch.equal(compute_advantages(rewards, "dr_grpo"), dr_grpo_advantages(rewards))
+
+
+def test_krpo_sorted_order_reads_ascending_rewards_and_returns_sampled_positions():
+    sampled = torch.tensor([[1.0, 0.0, 0.0]])
+    got = krpo_advantages(sampled, order="sorted")
+    ascending = krpo_advantages(torch.tensor([[0.0, 0.0, 1.0]]))  # what the filter reads
+    assert got[0].tolist() == pytest.approx([ascending[0, 2].item(), ascending[0, 0].item(), ascending[0, 1].item()])
+    # the order of the input no longer matters
+    assert torch.allclose(krpo_advantages(torch.tensor([[0.0, 1.0, 0.0]]), order="sorted")[0, 1], got[0, 0])
+
+
+def test_krpo_shuffled_order_is_a_seeded_permutation():
+    torch.manual_seed(3)
+    rewards = (torch.rand(6, 5) < 0.5).float()
+    got = krpo_advantages(rewards, order="shuffled", generator=torch.Generator().manual_seed(11))
+    keys = torch.rand(6, 5, generator=torch.Generator().manual_seed(11))
+    for g in range(6):
+        perm = torch.argsort(keys[g])
+        expected = reference_krpo(rewards[g, perm].tolist())
+        assert got[g, perm].tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    again = krpo_advantages(rewards, order="shuffled", generator=torch.Generator().manual_seed(11))
+    assert torch.equal(got, again)
+
+
+def test_krpo_adaptive_noise_hand_computed():
+    # rewards 1, 0, 1 with Q = 0, R floor 0.01. The first two rewards use R = 0.01 (fewer than two
+    # rewards read before them); the third uses the sample variance of (1, 0) = 0.5.
+    got = krpo_advantages(torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64), process_noise=0.0, adaptive=True)[0]
+    k1 = 1 / 1.01
+    x1, p1 = k1, (1 - k1)
+    k2 = p1 / (p1 + 0.01)
+    x2, p2 = x1 + k2 * (0 - x1), (1 - k2) * p1
+    k3 = p2 / (p2 + 0.5)
+    x3, p3 = x2 + k3 * (1 - x2), (1 - k3) * p2
+    expected = [(1 - x1) / math.sqrt(p1 + 1e-8), (0 - x2) / math.sqrt(p2 + 1e-8), (1 - x3) / math.sqrt(p3 + 1e-8)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-9)
+    fixed = krpo_advantages(torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64), process_noise=0.0)[0]
+    assert got[:2].tolist() == pytest.approx(fixed[:2].tolist()) and got[2] != pytest.approx(fixed[2].item())
+    # an all-equal group has zero spread: the floor keeps R at measurement_noise, same as the paper
+    ones = torch.ones(1, 6)
+    assert torch.equal(krpo_advantages(ones, adaptive=True), krpo_advantages(ones))

@@ -34,7 +34,7 @@ def captured(monkeypatch):
     return holder
 
 
-@pytest.mark.parametrize("estimator", ["krpo", "grpo"])
+@pytest.mark.parametrize("estimator", ["krpo", "grpo", "dr_grpo", "rloo"])
 def test_two_steps_change_lora_not_base(tmp_path, tiny_model_dir, captured, estimator):
     recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, algorithm={"advantage": estimator}))
     run_dir = train_module.train(recipe, "# test\n")
@@ -83,3 +83,12 @@ def test_same_seed_same_run(tmp_path, tiny_model_dir, captured):
     second = read_jsonl(train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "b"))) / "metrics.jsonl")
     keys = ("reward_mean", "loss", "kl", "grad_norm", "completion_len_mean")
     assert [[m[k] for k in keys] for m in first] == [[m[k] for k in keys] for m in second]
+
+
+def test_kalman_options_train_and_are_recorded(tmp_path, tiny_model_dir, captured):
+    recipe = Recipe.model_validate(
+        tiny_recipe(tiny_model_dir, tmp_path, algorithm={"kalman": {"order": "shuffled", "adaptive": True}})
+    )
+    run_dir = train_module.train(recipe)
+    assert "order: shuffled" in (run_dir / "recipe.yaml").read_text()
+    assert all(math.isfinite(m["loss"]) for m in read_jsonl(run_dir / "metrics.jsonl"))
