@@ -160,6 +160,9 @@ class GenerationSettings(_Strict):
     batch_size: int | None = Field(
         None, ge=1, description="Most sequences per generate call (memory knob); default: all at once."
     )
+    min_new_tokens: int | None = Field(
+        None, ge=1, description="Force completions to at least this length (for benchmarks: equal work per step)."
+    )
 
 
 class TrainSettings(_Strict):

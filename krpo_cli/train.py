@@ -284,6 +284,7 @@ def train(
                 top_p=gen.top_p,
                 top_k=gen.top_k,
                 batch_size=gen.batch_size,
+                min_new_tokens=gen.min_new_tokens,
             )
 
             # REWARD: the grader that evaluation uses.

@@ -67,3 +67,11 @@ def test_completion_log_probs_use_the_sampling_temperature(tiny_model_dir):
     expected = torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor([[30], [31]])).squeeze(-1)
     assert torch.allclose(got[0], expected, atol=1e-5)
     assert not torch.allclose(got, completion_log_probs(model, sequences, mask, prompt_length=3), atol=1e-3)
+
+
+def test_min_new_tokens_forces_equal_length_completions(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    torch.manual_seed(1)
+    rollout = generate_rollout(model, tokenizer, ["1 + 2", "3 + 4"], group_size=3, max_new_tokens=7, min_new_tokens=7)
+    assert rollout.completion_mask.sum(dim=1).tolist() == [7] * 6
