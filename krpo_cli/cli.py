@@ -94,7 +94,7 @@ def train(
     except TrainingInterrupted as stop:
         again = " ".join(["krpo train", recipe, *(overrides or []), "--resume"])
         errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
     except NumericalFailure as err:
         fail(str(err), code=1)
     except user_errors() as err:

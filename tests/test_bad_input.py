@@ -1,7 +1,6 @@
 """Every mistake a user can make ends in exit code 2 and one line that names it: no traceback,
 and nothing half-written that gets in the way of the next run."""
 
-import json
 import shutil
 
 import pytest
@@ -88,7 +87,8 @@ def test_bad_input_exits_2_with_one_line(world, case):
     args, expected = CASES[case](world)
     result = runner.invoke(app, args)
     assert result.exit_code == 2, f"{case}: exit {result.exit_code}\n{result.output}"
-    assert "Traceback" not in result.output and not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1, f"{case}: expected one line, got:\n{result.output}"
     assert expected in lines[0], f"{case}: {lines[0]!r} does not mention {expected!r}"

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from krpo_cli.cli import app
 from krpo_cli.config import DataSettings
 from krpo_cli.data import DataError, load_rows
-from conftest import read_jsonl, tiny_recipe, write_recipe
+from conftest import read_jsonl
 
 runner = CliRunner()
 
