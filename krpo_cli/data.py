@@ -27,8 +27,8 @@ class DataError(Exception):
 def digit_problems(seed: int = 0) -> list[dict]:
     """Every one-digit `a + b` and `a - b` (a, b in 0..9), shuffled with `seed`: 200 rows.
 
-    The quickstart's task: easy enough that a 135M model starts around a coin flip, so
-    that learning is visible within minutes on a CPU.
+    The quickstart's task: easy enough that a 135M model already gets some right (mean
+    sampled reward ~0.2 at the start), so that learning is visible within minutes on a CPU.
     """
     rows = []
     for a in range(10):

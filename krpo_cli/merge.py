@@ -26,7 +26,15 @@ from rich.console import Console
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
 from krpo_cli.evaluate import RECIPE_IN_MODEL_DIR, is_run_dir, load_adapter
-from krpo_cli.models import ModelError, load_base_model, load_tokenizer, quiet_libraries, resolve_model_path, short
+from krpo_cli.models import (
+    ModelError,
+    load_base_model,
+    load_tokenizer,
+    quiet_libraries,
+    resolve_model_path,
+    short,
+)
+from krpo_cli.rollout import position_ids_from_mask
 
 RUN_INFO = "run_info.json"  # written by `krpo train`: quantization, dtype and device actually used
 VERIFY_PROMPTS = 4
@@ -99,7 +107,7 @@ def verification_inputs(tokenizer, recipe: Recipe | None) -> dict:
 def logits_of(model, inputs: dict) -> torch.Tensor:
     mask = inputs["attention_mask"]
     with torch.no_grad():
-        out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+        out = model(input_ids=inputs["input_ids"], attention_mask=mask, position_ids=position_ids_from_mask(mask))
     return out.logits.float() * mask.unsqueeze(-1)  # padding positions carry no meaning
 
 

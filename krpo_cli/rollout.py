@@ -41,6 +41,11 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return ids or [tokenizer.eos_token_id]
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, as generation assigns them (padding gets 0)."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
 def completion_mask_from_tokens(completions: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """1 on each completion's tokens up to and including its first EOS, 0 after."""
     is_eos = torch.isin(completions, torch.tensor(eos_ids, device=completions.device)).int()
@@ -132,7 +137,7 @@ def completion_log_probs(
     last = max(int(columns_used[-1]) + 1, prompt_length + 1)
     sequences, attention_mask = sequences[:, first:last], attention_mask[:, first:last]
     completion = sequences[:, prompt_length - first :]
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    position_ids = position_ids_from_mask(attention_mask)
     logits = model(
         input_ids=sequences,
         attention_mask=attention_mask,
