@@ -163,6 +163,11 @@ class GenerationSettings(_Strict):
     min_new_tokens: int | None = Field(
         None, ge=1, description="Force completions to at least this length (for benchmarks: equal work per step)."
     )
+    engine: Literal["auto", "krpo", "transformers"] = Field(
+        "auto",
+        description="Decoder: krpo's own (merged LoRA, static KV cache; Llama/Mistral/Qwen2/Qwen3), HF generate, "
+        "or auto (krpo's on CPU where supported, else generate).",
+    )
 
 
 class TrainSettings(_Strict):
@@ -170,7 +175,7 @@ class TrainSettings(_Strict):
     prompts_per_step: int = Field(32, ge=1, description="Prompts per rollout batch.")
     minibatch_size: int = Field(16, ge=1, description="Completions per optimizer step.")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Completions per forward/backward (gradient accumulation); default: the minibatch."
+        None, ge=1, description="Completions per forward/backward (gradient accumulation); default: ~640 tokens' worth on a CPU, the whole minibatch elsewhere."
     )
     epochs_per_batch: int = Field(1, ge=1, description="Passes over each rollout batch.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")

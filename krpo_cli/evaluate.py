@@ -124,11 +124,12 @@ def evaluate_model(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         prompts = [build_prompt(tokenizer, recipe.data, row["question"]) for row in batch]
-        greedy = generate_rollout(model, tokenizer, prompts, 1, max_new, greedy=True)
+        greedy = generate_rollout(model, tokenizer, prompts, 1, max_new, greedy=True, engine=gen.engine)
         sampled = None
         if samples:
             sampled = generate_rollout(
-                model, tokenizer, prompts, samples, max_new, gen.temperature, gen.top_p, gen.top_k, batch_size=batch_size
+                model, tokenizer, prompts, samples, max_new, gen.temperature, gen.top_p, gen.top_k, batch_size=batch_size,
+                engine=gen.engine,
             )
         for i, row in enumerate(batch):
             grade = grader(greedy.completions[i], row["answer"])

@@ -26,6 +26,65 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int 
     return torch.cat(out, dim=0)
 
 
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """log softmax(h·Wᵀ / T)[token] row by row, chunked; backward recomputes each chunk's logits.
+
+    Only the log-sum-exp per row is kept between forward and backward, so no
+    (rows × vocab) tensor outlives a chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, chunk_rows):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        log_norm = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (hidden[rows] @ weight.T).float().div_(temperature)
+            log_norm[rows] = torch.logsumexp(logits, dim=-1)
+            out[rows] = logits.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1) - log_norm[rows]
+        ctx.save_for_backward(hidden, weight, tokens, log_norm)
+        ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, tokens, log_norm = ctx.saved_tensors
+        temperature, chunk_rows = ctx.temperature, ctx.chunk_rows
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (hidden[rows] @ weight.T).float().div_(temperature)
+            # d logp[token] / d logits = onehot(token) − softmax(logits), then the 1/T of the division.
+            grad_logits = logits.sub_(log_norm[rows].unsqueeze(-1)).exp_().mul_(-grad_out[rows].unsqueeze(-1))
+            grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), grad_out[rows].unsqueeze(-1).float())
+            grad_logits = grad_logits.div_(temperature).to(weight.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight += (grad_logits.T @ hidden[rows]).float()
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def linear_token_log_probs(
+    hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_rows: int = 256
+) -> torch.Tensor:
+    """Log-probability (float32) of `tokens` under softmax(hidden · weightᵀ / temperature), without the logits.
+
+    hidden: (..., H) states before the output layer, weight: (V, H), tokens: (...). Equal to
+    `token_log_probs(hidden @ weight.T / temperature, tokens)`, but `chunk_rows` positions at a
+    time in forward and again in backward, so memory holds one chunk's logits instead of every
+    position's (and of their softmax, and of their gradient).
+    """
+    shape = tokens.shape
+    flat = _LinearTokenLogProbs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), float(temperature), chunk_rows
+    )
+    return flat.view(shape)
+
+
 def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` over each row's masked tokens: (B, T) → (B,). Empty rows give 0."""
     mask = mask.to(values.dtype)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from krpo_cli.losses import token_log_probs
+from krpo_cli.decode import engine_supports, generate_tokens
+from krpo_cli.losses import linear_token_log_probs, token_log_probs
+from krpo_cli.models import ModelError
 
 
 @dataclass
@@ -53,6 +55,26 @@ def completion_mask_from_tokens(completions: torch.Tensor, eos_ids: list[int]) -
     return (eos_before == 0).long()
 
 
+def pick_engine(model, engine: str) -> str:
+    """The decoder to use: "auto" means krpo's own where it supports the model and runs on a CPU.
+
+    On CUDA "auto" keeps HF `generate` until krpo's decoder has been measured there;
+    `generation.engine: krpo` asks for it explicitly.
+    """
+    if engine == "transformers":
+        return engine
+    supported = engine_supports(model)
+    if engine == "krpo":
+        if not supported:
+            raise ModelError(
+                "generation.engine 'krpo' does not support this model (Llama, Mistral, Qwen2 and Qwen3 "
+                "without DoRA or adapters on the embeddings); use 'auto' or 'transformers'"
+            )
+        return engine
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return "krpo" if supported and on_cpu else "transformers"
+
+
 @torch.no_grad()
 def generate_rollout(
     model,
@@ -66,11 +88,13 @@ def generate_rollout(
     batch_size: int | None = None,
     min_new_tokens: int | None = None,
     greedy: bool = False,
+    engine: str = "auto",
 ) -> Rollout:
     """Sample `group_size` completions for each prompt; rows are prompt-major (i·G + j).
 
-    One batched `generate` call per `batch_size` sequences (all at once by default).
-    `greedy=True` decodes greedily instead of sampling (evaluation's pass@1).
+    One batched decoding per `batch_size` sequences (all at once by default).
+    `greedy=True` decodes greedily instead of sampling (evaluation's pass@1). `engine`:
+    "krpo" (krpo_cli.decode), "transformers" (HF `generate`), or "auto" (see `pick_engine`).
     """
     device = next(model.parameters()).device
     started = time.perf_counter()
@@ -83,13 +107,21 @@ def generate_rollout(
 
     was_training = model.training
     model.eval()
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    use_krpo = pick_engine(model, engine) == "krpo"
     chunks = []
     step = batch_size or input_ids.shape[0]
     for start in range(0, input_ids.shape[0], step):
+        rows = slice(start, start + step)
+        if use_krpo:
+            chunks.append(
+                generate_tokens(model, input_ids[rows], prompt_mask[rows], max_new_tokens, eos_ids, pad_id,
+                                temperature, top_k, top_p, min_new_tokens, greedy)
+            )
+            continue
+        sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
         out = model.generate(
-            input_ids=input_ids[start : start + step],
-            attention_mask=prompt_mask[start : start + step],
+            input_ids=input_ids[rows],
+            attention_mask=prompt_mask[rows],
             do_sample=not greedy,
             **sampling,
             max_new_tokens=max_new_tokens,
@@ -120,6 +152,22 @@ def generate_rollout(
     )
 
 
+# Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
+PLAIN_OUTPUT_LAYER = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2"}
+
+
+def split_output_layer(model):
+    """(backbone, output weight) when the logits are a plain linear map of the backbone's output, else None.
+
+    Works through a PEFT wrapper; None when the output layer carries an adapter or a bias.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if base.config.model_type not in PLAIN_OUTPUT_LAYER or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return getattr(base, base.base_model_prefix), head.weight
+
+
 def completion_log_probs(
     model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0
 ) -> torch.Tensor:
@@ -127,9 +175,11 @@ def completion_log_probs(
 
     Trims the columns that are padding in every row of this batch; positions that are not
     completion tokens hold 0, passes explicit position ids (so left padding is handled as in
-    generation) and asks the model for logits at completion positions only. Logits are
+    generation) and computes the output layer at completion positions only. Logits are
     divided by the sampling `temperature`, so the log-probs are those of the distribution
-    the completions were drawn from (top-p/top-k truncation is not modelled).
+    the completions were drawn from (top-p/top-k truncation is not modelled). Where the
+    architecture allows, the output layer and log-softmax run fused and chunked
+    (`linear_token_log_probs`), so no (batch × length × vocab) logits tensor is ever built.
     """
     full_width = sequences.shape[1] - prompt_length
     columns_used = attention_mask.any(dim=0).nonzero().squeeze(-1)
@@ -137,15 +187,15 @@ def completion_log_probs(
     last = max(int(columns_used[-1]) + 1, prompt_length + 1)
     sequences, attention_mask = sequences[:, first:last], attention_mask[:, first:last]
     completion = sequences[:, prompt_length - first :]
-    position_ids = position_ids_from_mask(attention_mask)
-    logits = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=completion.shape[1] + 1,
-        use_cache=False,
-    ).logits[:, :-1]
-    if temperature != 1.0:
-        logits = logits / temperature
-    log_probs = token_log_probs(logits, completion) * attention_mask[:, prompt_length - first :]
+    inputs = dict(input_ids=sequences, attention_mask=attention_mask,
+                  position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    split = split_output_layer(model)
+    if split is not None:
+        backbone, weight = split
+        hidden = backbone(**inputs).last_hidden_state[:, -completion.shape[1] - 1 : -1]
+        log_probs = linear_token_log_probs(hidden, weight, completion, temperature)
+    else:
+        logits = model(**inputs, logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
+        log_probs = token_log_probs(logits / temperature if temperature != 1.0 else logits, completion)
+    log_probs = log_probs * attention_mask[:, prompt_length - first :]
     return torch.nn.functional.pad(log_probs, (0, full_width - log_probs.shape[1]))

@@ -46,7 +46,7 @@ from krpo_cli.logging import JsonlWriter, StepProgress
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy
 from krpo_cli.rewards import get_grader
-from krpo_cli.rollout import completion_log_probs, generate_rollout
+from krpo_cli.rollout import completion_log_probs, generate_rollout, pick_engine
 
 
 class RunDirError(Exception):
@@ -192,6 +192,23 @@ def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int, temp
     return torch.cat(parts, dim=0)
 
 
+# Tokens per forward/backward on a CPU: fewer is slower per token (small matrix products),
+# more is slower too (activations fall out of cache, pages are faulted in); measured on the
+# quickstart model, 4 × 156 tokens beat both 2 × 156 and 8 or 16 × 156 (docs/benchmarks.md).
+CPU_TOKENS_PER_MICRO_BATCH = 640
+
+
+def auto_micro_batch(minibatch: int, sequence_length: int, device: torch.device) -> int:
+    """Rows per forward when the recipe leaves train.micro_batch_size unset.
+
+    On a CPU: about CPU_TOKENS_PER_MICRO_BATCH tokens (at least one row). Elsewhere the whole
+    minibatch, as a GPU is fastest with big batches and its memory is the user's knob.
+    """
+    if device.type != "cpu":
+        return minibatch
+    return max(1, min(minibatch, CPU_TOKENS_PER_MICRO_BATCH // max(1, sequence_length)))
+
+
 def quarter_means(values: list[float]) -> tuple[float, float]:
     """Mean of the first and of the last quarter of a series (at least one value each)."""
     k = max(1, len(values) // 4)
@@ -222,10 +239,11 @@ def train(
     grader = get_grader(cfg.reward.grader)
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
+    engine = pick_engine(model, gen.engine)
     if checkpoint is None:
         prepare_run_dir(run_dir, recipe, recipe_text)
     run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
-                "device": loaded.device.type, "model_path": loaded.path}
+                "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine}
     (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
@@ -245,7 +263,6 @@ def train(
     kalman = alg.kalman.model_dump()
     rollout_size = recipe.rollout_size
     minibatch = opt.minibatch_size
-    micro_batch = opt.micro_batch_size or minibatch
     optimizer_steps_per_batch = opt.epochs_per_batch * -(-rollout_size // minibatch)
     first_step = 1
     if checkpoint is not None:
@@ -285,6 +302,7 @@ def train(
                 top_k=gen.top_k,
                 batch_size=gen.batch_size,
                 min_new_tokens=gen.min_new_tokens,
+                engine=engine,
             )
 
             # REWARD: the grader that evaluation uses.
@@ -298,6 +316,7 @@ def train(
 
             # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
             update_started = time.perf_counter()
+            micro_batch = opt.micro_batch_size or auto_micro_batch(minibatch, rollout.sequences.shape[1], loaded.device)
             everything = torch.arange(rollout_size)
             with torch.no_grad():
                 model.eval()

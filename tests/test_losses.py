@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from krpo_cli.losses import clipped_surrogate, kl_k3, policy_loss, sequence_mean, token_log_probs
+from krpo_cli.losses import (
+    clipped_surrogate,
+    kl_k3,
+    linear_token_log_probs,
+    policy_loss,
+    sequence_mean,
+    token_log_probs,
+)
 
 
 def test_sequence_mean_ignores_masked_tokens_and_empty_rows():
@@ -63,3 +70,23 @@ def test_token_log_probs_matches_log_softmax_for_any_chunking():
         got = token_log_probs(logits, tokens, chunk_size=chunk)
         assert got.dtype == torch.float32
         assert torch.allclose(got, expected)
+
+
+def test_linear_token_log_probs_matches_log_softmax_values_and_gradients():
+    """The fused, chunked output layer must equal log_softmax(h·Wᵀ/T)[token] and its gradient."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (2, 5))
+    upstream = torch.randn(2, 5, dtype=torch.float64)
+    expected = torch.log_softmax(hidden @ weight.T / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (expected * upstream).sum().backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    # chunks of 3 rows: the 10 positions split unevenly, so chunk edges are exercised too
+    got = linear_token_log_probs(hidden, weight, tokens, temperature=0.7, chunk_rows=3)
+    assert got.dtype == torch.float32 and got.shape == (2, 5)
+    assert torch.allclose(got.double(), expected, atol=1e-6)
+    (got.double() * upstream).sum().backward()
+    assert torch.allclose(hidden.grad, grads[0], atol=1e-6)
+    assert torch.allclose(weight.grad, grads[1], atol=1e-6)

@@ -75,3 +75,24 @@ def test_min_new_tokens_forces_equal_length_completions(tiny_model_dir):
     torch.manual_seed(1)
     rollout = generate_rollout(model, tokenizer, ["1 + 2", "3 + 4"], group_size=3, max_new_tokens=7, min_new_tokens=7)
     assert rollout.completion_mask.sum(dim=1).tolist() == [7] * 6
+
+
+def test_fused_output_layer_equals_the_models_own_logits(tiny_model_dir, monkeypatch):
+    """Log-probs and their gradients are the same through the fused path and through model(...).logits."""
+    from krpo_cli import rollout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert rollout.split_output_layer(model) is not None  # the tiny Llama takes the fused path
+    sequences = torch.tensor([[0, 10, 11, 30, 31, 2], [20, 21, 22, 40, 2, 0]])
+    attention = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+    results = []
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(rollout, "PLAIN_OUTPUT_LAYER", set())
+            assert rollout.split_output_layer(model) is None
+        model.zero_grad()
+        log_probs = completion_log_probs(model, sequences, attention, prompt_length=3, temperature=0.8)
+        log_probs.sum().backward()
+        results.append((log_probs.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-5)

@@ -92,3 +92,11 @@ def test_kalman_options_train_and_are_recorded(tmp_path, tiny_model_dir, capture
     run_dir = train_module.train(recipe)
     assert "order: shuffled" in (run_dir / "recipe.yaml").read_text()
     assert all(math.isfinite(m["loss"]) for m in read_jsonl(run_dir / "metrics.jsonl"))
+
+
+def test_auto_micro_batch_budgets_tokens_on_cpu_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert train_module.auto_micro_batch(16, 156, cpu) == 640 // 156 == 4
+    assert train_module.auto_micro_batch(16, 10_000, cpu) == 1  # never zero rows
+    assert train_module.auto_micro_batch(3, 20, cpu) == 3  # never more than the minibatch
+    assert train_module.auto_micro_batch(16, 156, gpu) == 16

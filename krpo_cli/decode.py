@@ -1,0 +1,261 @@
+"""krpo's own sampler for Llama-family models: merged LoRA, fused projections, a static KV cache.
+
+HF `generate` runs every LoRA layer as base + B·A on each token, grows its KV cache by
+concatenation and, on a CPU, multiplies a handful of rows by each weight with a kernel
+made for big matrices. A decode step is dominated by reading the weights, so this sampler
+instead, once per rollout:
+
+- merges each adapter into a private copy of its weight (W + s·B·A; the model is untouched),
+- fuses q/k/v and gate/up into one matrix each (fewer, larger products),
+- on a CPU with oneDNN, re-lays each matrix out for oneDNN's small-batch kernel,
+
+then decodes with a preallocated KV cache. Norms, rotary embedding and activation are the
+model's own modules, so the arithmetic is the model's up to float rounding. Sampling follows
+`generate`: min-new-tokens, then temperature, top-k, top-p; finished rows emit padding.
+Architectures other than `SUPPORTED` (or adapters this cannot merge) use HF `generate`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+def engine_supports(model) -> bool:
+    """True when `model` (plain or PEFT-wrapped) can be decoded here."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    if config.model_type not in SUPPORTED or getattr(base, "base_model_prefix", None) != "model":
+        return False
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return False  # a window would change attention for long sequences; leave it to generate
+    if config.model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False):
+        return False
+    lora_modules = [m for m in base.modules() if hasattr(m, "lora_A")]
+    for module in lora_modules:
+        if any(module.use_dora.get(name, False) for name in module.active_adapters):
+            return False
+    embed, head = base.model.embed_tokens, base.get_output_embeddings()
+    return not hasattr(embed, "lora_A") and not hasattr(embed, "lora_embedding_A") and type(head) is torch.nn.Linear
+
+
+def dense_weight(layer) -> torch.Tensor:
+    """The weight a (possibly LoRA-wrapped, possibly 4-bit) linear layer applies, as a dense tensor."""
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    weight = base.weight
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+    weight = weight.detach()
+    if hasattr(layer, "lora_A") and not layer.disable_adapters:
+        weight = weight.clone()
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                weight += layer.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def dense_bias(layer) -> torch.Tensor | None:
+    base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+    return None if base.bias is None else base.bias.detach()
+
+
+class FusedLinear:
+    """y = x·Wᵀ + b for several layers at once (their outputs concatenated along the last dim)."""
+
+    def __init__(self, layers, dtype: torch.dtype, pack: bool, rows_hint: int):
+        weights = [dense_weight(layer).to(dtype) for layer in layers]
+        biases = [dense_bias(layer) for layer in layers]
+        self.sizes = [w.shape[0] for w in weights]
+        self.bias = None
+        if any(b is not None for b in biases):
+            zeros = [torch.zeros(w.shape[0], dtype=dtype, device=w.device) for w in weights]
+            self.bias = torch.cat([z if b is None else b.to(dtype) for b, z in zip(biases, zeros)])
+        weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+        # oneDNN keeps its own layout of the matrix; the plain one is then not needed.
+        self.weight = None if pack else weight
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if pack else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def split(self, y: torch.Tensor):
+        return y.split(self.sizes, dim=-1)
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN's packed small-batch kernel: CPU builds with oneDNN, float32 (where it was measured)."""
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class DecoderWeights:
+    """Per-layer fused, merged weights of a Llama-family model, built once per rollout."""
+
+    def __init__(self, model, rows_hint: int):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.base = base
+        self.config = base.config
+        embed = base.model.embed_tokens.weight
+        self.dtype, self.device = embed.dtype, embed.device
+        pack = can_pack(self.device, self.dtype)
+        self.layers = []
+        for layer in base.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                dict(
+                    qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, pack, rows_hint),
+                    o=FusedLinear([attn.o_proj], self.dtype, pack, rows_hint),
+                    gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], self.dtype, pack, rows_hint),
+                    down=FusedLinear([mlp.down_proj], self.dtype, pack, rows_hint),
+                    module=layer,
+                )
+            )
+        self.lm_head = FusedLinear([base.get_output_embeddings()], self.dtype, pack, rows_hint)
+
+
+class StaticCache:
+    """Keys and values for every layer, preallocated for the whole rollout."""
+
+    def __init__(self, num_layers, batch, kv_heads, max_length, head_dim, dtype, device):
+        shape = (num_layers, batch, kv_heads, max_length, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
+        end = start + keys.shape[2]
+        self.keys[layer, :, :, start:end] = keys
+        self.values[layer, :, :, start:end] = values
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, position_ids, start: int, attend: torch.Tensor):
+    """Logits of the last position after feeding `input_ids` at cache columns start…start+T.
+
+    attend: (B, 1, T, start+T) boolean, True where a query may attend a key.
+    """
+    config, base = weights.config, weights.base
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    batch, length = input_ids.shape
+    hidden = F.embedding(input_ids, base.model.embed_tokens.weight)
+    cos, sin = base.model.rotary_emb(hidden, position_ids)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    for index, layer in enumerate(weights.layers):
+        module = layer["module"]
+        attn = module.self_attn
+        normed = module.input_layernorm(hidden)
+        q, k, v = layer["qkv"].split(layer["qkv"](normed))
+        q = q.view(batch, length, heads, head_dim)
+        k = k.view(batch, length, kv_heads, head_dim)
+        if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys, values = cache.update(index, start, k, v)
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=attend, scale=attn.scaling, enable_gqa=heads != kv_heads
+        )
+        hidden = hidden + layer["o"](out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+        gate, up = layer["gate_up"].split(layer["gate_up"](module.post_attention_layernorm(hidden)))
+        hidden = hidden + layer["down"](module.mlp.act_fn(gate) * up)
+    last = base.model.norm(hidden[:, -1:])
+    return weights.lm_head(last)[:, -1].float()
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token per row from (B, V) float logits, with `generate`'s warpers in its order.
+
+    Temperature divides the logits; top-k keeps the k largest; top-p keeps the smallest set
+    of tokens whose probability reaches p (always at least one). Greedy takes the argmax.
+    """
+    if greedy:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1.0 - top_p
+        drop_sorted[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    input_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_new_tokens: int | None = None,
+    greedy: bool = False,
+) -> torch.Tensor:
+    """Completion token ids (B, ≤ max_new_tokens) for left-padded prompts; rows end at EOS, then padding."""
+    batch, prompt_length = input_ids.shape
+    weights = DecoderWeights(model, rows_hint=batch)
+    config = weights.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    total = prompt_length + max_new_tokens
+    cache = StaticCache(
+        len(weights.layers), batch, config.num_key_value_heads, total, head_dim, weights.dtype, weights.device
+    )
+    device = input_ids.device
+    eos = torch.tensor(eos_ids, device=device)
+    key_valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
+    key_valid[:, :prompt_length] = prompt_mask.bool()
+
+    # Prefill: causal attention among real prompt tokens. A padding row attends to itself
+    # only, so that it stays finite (it is never attended to).
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
+    attend = (causal & key_valid[:, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
+    logits = forward_step(weights, cache, input_ids, positions, 0, attend[:, None])
+
+    tokens = torch.full((batch, max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        if min_new_tokens and step < min_new_tokens:
+            logits[:, eos] = float("-inf")
+        next_token = sample_next_token(logits, temperature, top_k, top_p, greedy)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
+        tokens[:, step] = next_token
+        finished |= torch.isin(next_token, eos)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            return tokens[:, : step + 1]
+        column = prompt_length + step
+        key_valid[:, column] = True
+        position = position + 1
+        attend = key_valid[:, None, None, : column + 1]
+        logits = forward_step(weights, cache, next_token[:, None], position, column, attend)
+    return tokens

@@ -1,0 +1,139 @@
+"""krpo's own decoder (krpo_cli.decode) against HF: same logits, same greedy text, same sampling rules."""
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+from krpo_cli import decode
+from krpo_cli.decode import generate_tokens, sample_next_token
+from krpo_cli.rollout import generate_rollout, pick_engine
+from krpo_cli.models import ModelError, load_tokenizer
+from conftest import make_adapter
+
+
+def tiny_config(kind: str):
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=2, tie_word_embeddings=True)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen2":  # q/k/v biases
+        return Qwen2Config(**common, use_sliding_window=False)
+    return Qwen3Config(**common, head_dim=16, use_sliding_window=False)  # per-head q/k norms, head_dim ≠ hidden/heads
+
+
+def left_padded_prompts():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    return ids, (ids != 0).long()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_greedy_decoding_equals_hf_generate(kind, pack, monkeypatch):
+    monkeypatch.setattr(decode, "can_pack", lambda device, dtype: pack and torch.backends.mkldnn.is_available())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
+    for param in model.parameters():  # larger weights: sharper distributions, no near-ties in argmax
+        param.data.mul_(4.0)
+    ids, mask = left_padded_prompts()
+    assert decode.engine_supports(model)
+    ours = generate_tokens(model, ids, mask, 12, eos_ids=[2], pad_id=0, greedy=True)
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                            pad_token_id=0, eos_token_id=[2])[:, ids.shape[1]:]
+    assert torch.equal(ours, theirs)
+
+
+def test_decoder_logits_match_the_model_forward(tiny_model_dir, tmp_path):
+    """With a LoRA adapter merged in: last-position logits equal the PEFT model's own forward."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", scale=0.3)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = left_padded_prompts()
+    weights = decode.DecoderWeights(model, rows_hint=3)
+    cache = decode.StaticCache(2, 3, 2, 8, 8, torch.float32, torch.device("cpu"))
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    attend = (causal & mask.bool()[:, None, :]) | torch.eye(5, dtype=torch.bool)
+    ours = decode.forward_step(weights, cache, ids, positions, 0, attend[:, None])
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    # one decode step on top of the cache
+    next_ids = torch.tensor([[20], [21], [22]])
+    full_ids, full_mask = torch.cat([ids, next_ids], 1), torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)
+    valid = torch.cat([mask.bool(), torch.ones(3, 1, dtype=torch.bool)], 1)
+    ours = decode.forward_step(weights, cache, next_ids, positions[:, -1:] + 1, 5, valid[:, None, None])
+    with torch.no_grad():
+        theirs = model(input_ids=full_ids, attention_mask=full_mask, position_ids=(full_mask.cumsum(1) - 1).clamp(min=0)).logits[:, -1]
+    assert torch.allclose(ours, theirs, atol=1e-4)
+    # the merge went into private copies: the model's own weights are untouched
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_sample_next_token_top_k_and_top_p_keep_the_right_tokens():
+    torch.manual_seed(0)
+    # probabilities 0.5, 0.3, 0.15, 0.05
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(4000, 1)
+    top_k = sample_next_token(logits, top_k=2)
+    assert set(top_k.tolist()) == {0, 1}
+    assert abs((top_k == 0).float().mean().item() - 0.5 / 0.8) < 0.03  # renormalised over the two kept
+    # top-p 0.7: 0.5 alone is short of 0.7, so {0.5, 0.3} is the smallest set reaching it
+    top_p = sample_next_token(logits, top_p=0.7)
+    assert set(top_p.tolist()) == {0, 1}
+    # top-p 0.85 needs the third token too (0.5 + 0.3 = 0.8 < 0.85)
+    assert set(sample_next_token(logits, top_p=0.85).tolist()) == {0, 1, 2}
+    # temperature 0.5 squares the odds: 0.5² : 0.3² = 25 : 9 between the first two
+    hot = sample_next_token(logits, temperature=0.5, top_k=2)
+    assert abs((hot == 0).float().mean().item() - 25 / 34) < 0.03
+    assert sample_next_token(logits[:1], greedy=True).tolist() == [0]
+
+
+def test_min_new_tokens_and_padding_after_eos(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    eos = model.config.eos_token_id
+    real_step = decode.forward_step
+
+    def eos_favoured(*args):  # EOS overwhelmingly likely: only min_new_tokens holds it back
+        logits = real_step(*args)
+        logits[:, eos] += 100.0
+        return logits
+
+    monkeypatch.setattr(decode, "forward_step", eos_favoured)
+    ids = torch.tensor([[40, 41, 42], [43, 44, 45]])
+    tokens = generate_tokens(model, ids, torch.ones_like(ids), 6, eos_ids=[eos], pad_id=0, min_new_tokens=3)
+    assert tokens.shape == (2, 4)  # stops once every row has ended
+    assert (tokens[:, :3] != eos).all() and (tokens[:, 3] == eos).all()
+    # a row that ends early is padded while the others go on
+    first_row_ends = [True, False]
+
+    def one_row_ends(*args):
+        logits = real_step(*args)
+        logits[:, eos] = float("-inf")
+        logits[torch.tensor(first_row_ends), eos] = 1e4
+        return logits
+
+    monkeypatch.setattr(decode, "forward_step", one_row_ends)
+    tokens = generate_tokens(model, ids, torch.ones_like(ids), 5, eos_ids=[eos], pad_id=0, min_new_tokens=2)
+    assert tokens.shape == (2, 5)
+    assert tokens[0].tolist()[2:] == [eos, 0, 0] and (tokens[1] != eos).all()
+
+
+def test_pick_engine(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert pick_engine(model, "auto") == "krpo"  # a Llama on the CPU
+    assert pick_engine(model, "transformers") == "transformers"
+    model.config.model_type = "gpt2"  # pretend: an architecture the decoder does not know
+    assert pick_engine(model, "auto") == "transformers"
+    with pytest.raises(ModelError, match="does not support"):
+        pick_engine(model, "krpo")
+
+
+def test_rollouts_from_both_engines_have_the_same_layout(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    prompts = ["1 + 2", "a much longer prompt"]
+    krpo = generate_rollout(model, tokenizer, prompts, 2, 8, greedy=True, engine="krpo")
+    hf = generate_rollout(model, tokenizer, prompts, 2, 8, greedy=True, engine="transformers")
+    assert torch.equal(krpo.sequences, hf.sequences) and torch.equal(krpo.completion_mask, hf.completion_mask)
+    assert krpo.completions == hf.completions
