@@ -41,8 +41,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from krpo_cli.rewards import GraderError
     from krpo_cli.checkpoint import CheckpointError
     from krpo_cli.train import RunDirError
+    from krpo_cli.compare import CompareError
 
-    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError
+    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError, CompareError
 
 
 def report(err: Exception) -> None:
@@ -82,17 +83,28 @@ def train(
     resume_from: Annotated[
         Optional[Path], typer.Option("--resume-from", help="Continue the run from this checkpoint directory.")
     ] = None,
+    seeds: Annotated[
+        Optional[str],
+        typer.Option("--seeds", help="Train once per seed, e.g. 1,2,3 (runs NAME-seedN), then compare: mean ± std."),
+    ] = None,
 ) -> None:
     """Train a LoRA adapter with KRPO (or GRPO) as a recipe describes."""
     from krpo_cli.config import load_recipe
     from krpo_cli.train import NumericalFailure, TrainingInterrupted
     from krpo_cli.train import train as run_training
 
+    if seeds is not None and resume_from is not None:
+        fail("--resume-from names one checkpoint; with --seeds use --resume")
     try:
-        loaded, text = load_recipe(recipe, overrides or [])
-        run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
+        if seeds is not None:
+            from krpo_cli.seeds import train_seeds
+
+            train_seeds(recipe, overrides or [], seeds, overwrite=overwrite, resume=resume, console=console)
+        else:
+            loaded, text = load_recipe(recipe, overrides or [])
+            run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
-        again = " ".join(["krpo train", recipe, *(overrides or []), "--resume"])
+        again = " ".join(["krpo train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
         errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}", highlight=False)
         raise typer.Exit(130) from None
     except NumericalFailure as err:
@@ -185,6 +197,25 @@ def merge_command(
         merge(source, out, dtype, nf4_round_trip, verify, tolerance, overwrite, console=console)
     except user_errors() as err:
         report(err)
+
+
+@app.command("compare")
+def compare_command(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (each with a metrics.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", help="The PNG to write; the table goes next to it as .json.")] = Path(
+        "compare.png"
+    ),
+    smooth: Annotated[
+        str, typer.Option(help="EMA weight below 1 (e.g. 0.8), or a moving-average window in points (e.g. 10); 0: none.")
+    ] = "0.8",
+) -> None:
+    """Plot reward, accuracy and KL of several runs in one PNG and print their final and best figures."""
+    from krpo_cli.compare import CompareError, compare, parse_smoothing
+
+    try:
+        compare(run_dirs, out, parse_smoothing(smooth), console)
+    except CompareError as err:
+        fail(str(err))
 
 
 @data_app.command("arithmetic")
