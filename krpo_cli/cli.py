@@ -37,12 +37,13 @@ def fail(message: str, code: int = 2) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     from krpo_cli.config import RecipeError
     from krpo_cli.data import DataError
+    from krpo_cli.logging import LoggingBackendError
     from krpo_cli.models import ModelError
     from krpo_cli.rewards import GraderError
     from krpo_cli.checkpoint import CheckpointError
     from krpo_cli.train import RunDirError
 
-    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError
+    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError, LoggingBackendError
 
 
 def report(err: Exception) -> None:
