@@ -15,9 +15,14 @@ x̂ = init_mean, P = init_var and reads the group's rewards in sampled order:
 The advantage uses the posterior after r was absorbed. K and P do not depend on the
 rewards, so the advantages are order dependent, do not sum to zero and are about ten
 times GRPO's scale; an all-correct group gets small positive advantages.
+
+With `kalman.scope: prompt` (PromptBaselines) the filter of a prompt that comes back starts
+from the (x̂, P) its previous group left instead of (init_mean, init_var).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -46,6 +51,46 @@ def reading_order(rewards: torch.Tensor, order: str = "sampled", generator: torc
     raise ValueError(f"unknown kalman order {order!r}; expected sampled, shuffled or sorted")
 
 
+def kalman_filter(
+    rewards: torch.Tensor,
+    init_estimate: torch.Tensor,
+    init_variance: torch.Tensor,
+    process_noise: float = 1e-5,
+    measurement_noise: float = 1e-2,
+    eps: float = 1e-8,
+    order: str = "sampled",
+    adaptive: bool = False,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Kalman filter per group, each started from its own (x̂₀, P₀).
+
+    `init_estimate` and `init_variance` have shape (num_groups,). Returns the advantages (in
+    sampled positions, the rewards' dtype) and each filter's final x̂ and P (float64), after
+    the group's last reward: the state that `kalman.scope: prompt` carries to the next visit.
+    The other arguments are krpo_advantages'.
+    """
+    _check_rewards(rewards)
+    index = reading_order(rewards, order, generator)
+    r = rewards.to(torch.float64).gather(1, index)
+    num_groups, group_size = r.shape
+    estimate = init_estimate.to(device=r.device, dtype=torch.float64).clone()
+    variance = init_variance.to(device=r.device, dtype=torch.float64).clone()
+    if estimate.shape != (num_groups,) or variance.shape != (num_groups,):
+        raise ValueError(f"initial states must have shape ({num_groups},), one per group")
+    noise = torch.full((num_groups,), float(measurement_noise), dtype=torch.float64, device=r.device)
+    advantages = torch.empty_like(r)
+    for i in range(group_size):
+        if adaptive and i >= 2:
+            noise = r[:, :i].var(dim=1, unbiased=True).clamp(min=measurement_noise)
+        prior_variance = variance + process_noise
+        gain = prior_variance / (prior_variance + noise)
+        estimate = estimate + gain * (r[:, i] - estimate)
+        variance = (1.0 - gain) * prior_variance
+        advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
+    advantages = torch.empty_like(advantages).scatter_(1, index, advantages).to(rewards.dtype)
+    return advantages, estimate, variance
+
+
 def krpo_advantages(
     rewards: torch.Tensor,
     process_noise: float = 1e-5,
@@ -70,22 +115,70 @@ def krpo_advantages(
     `measurement_noise`.
     """
     _check_rewards(rewards)
-    index = reading_order(rewards, order, generator)
-    r = rewards.to(torch.float64).gather(1, index)
-    num_groups, group_size = r.shape
-    estimate = torch.full((num_groups,), float(init_mean), dtype=torch.float64, device=r.device)
-    variance = torch.full((num_groups,), float(init_var), dtype=torch.float64, device=r.device)
-    noise = torch.full((num_groups,), float(measurement_noise), dtype=torch.float64, device=r.device)
-    advantages = torch.empty_like(r)
-    for i in range(group_size):
-        if adaptive and i >= 2:
-            noise = r[:, :i].var(dim=1, unbiased=True).clamp(min=measurement_noise)
-        prior_variance = variance + process_noise
-        gain = prior_variance / (prior_variance + noise)
-        estimate = estimate + gain * (r[:, i] - estimate)
-        variance = (1.0 - gain) * prior_variance
-        advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
-    return torch.empty_like(advantages).scatter_(1, index, advantages).to(rewards.dtype)
+    num_groups = rewards.shape[0]
+    advantages, _, _ = kalman_filter(
+        rewards,
+        torch.full((num_groups,), float(init_mean), dtype=torch.float64),
+        torch.full((num_groups,), float(init_var), dtype=torch.float64),
+        process_noise=process_noise,
+        measurement_noise=measurement_noise,
+        eps=eps,
+        order=order,
+        adaptive=adaptive,
+        generator=generator,
+    )
+    return advantages
+
+
+def prompt_key(question: str) -> str:
+    """A short stable id of a prompt for PromptBaselines: the first 16 hex digits of its SHA-256."""
+    return hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+
+
+class PromptBaselines:
+    """`kalman.scope: prompt`: one filter state (x̂, P) per prompt, kept across steps and epochs.
+
+    A prompt seen for the first time starts at (init_mean, init_var); a prompt seen before starts
+    from the state its previous group left, unchanged (no extra process noise for the time
+    between visits: Q is added before each reward, as always). The state is plain floats and
+    strings, so it can be saved in a checkpoint loaded with torch.load(weights_only=True).
+    """
+
+    def __init__(self):
+        self.states: dict[str, tuple[float, float]] = {}
+
+    def advantages(
+        self,
+        rewards: torch.Tensor,
+        questions: list[str],
+        init_mean: float = 0.0,
+        init_var: float = 1.0,
+        generator: torch.Generator | None = None,
+        **filter_settings,
+    ) -> torch.Tensor:
+        """KRPO advantages for rewards (num_groups, G) of these questions, one per row; stores
+        each prompt's final state. A question twice in one batch: both groups start from the
+        stored state and the later one's final state is kept."""
+        if len(questions) != rewards.shape[0]:
+            raise ValueError(f"{len(questions)} questions for {rewards.shape[0]} groups of rewards")
+        keys = [prompt_key(q) for q in questions]
+        starts = [self.states.get(key, (float(init_mean), float(init_var))) for key in keys]
+        advantages, estimates, variances = kalman_filter(
+            rewards,
+            torch.tensor([x for x, _ in starts], dtype=torch.float64),
+            torch.tensor([p for _, p in starts], dtype=torch.float64),
+            generator=generator,
+            **filter_settings,
+        )
+        for key, x, p in zip(keys, estimates.tolist(), variances.tolist()):
+            self.states[key] = (x, p)
+        return advantages
+
+    def state(self) -> dict[str, list[float]]:
+        return {key: [x, p] for key, (x, p) in self.states.items()}
+
+    def load_state(self, state: dict[str, list[float]]) -> None:
+        self.states = {key: (float(x), float(p)) for key, (x, p) in state.items()}
 
 
 def grpo_advantages(rewards: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

@@ -37,13 +37,16 @@ def fail(message: str, code: int = 2) -> None:
 def user_errors() -> tuple[type[Exception], ...]:
     from krpo_cli.config import RecipeError
     from krpo_cli.data import DataError
+    from krpo_cli.logging import LoggingBackendError
     from krpo_cli.models import ModelError
     from krpo_cli.rewards import GraderError
     from krpo_cli.checkpoint import CheckpointError
     from krpo_cli.train import RunDirError
     from krpo_cli.compare import CompareError
 
-    return RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError, CompareError
+    return (
+        RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError, CompareError, LoggingBackendError,
+    )
 
 
 def report(err: Exception) -> None:

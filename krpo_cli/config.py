@@ -140,6 +140,11 @@ class KalmanSettings(_Strict):
     adaptive: bool = Field(
         False, description="Estimate R from the spread of the rewards read so far (floored at measurement_noise)."
     )
+    scope: Literal["group", "prompt"] = Field(
+        "group",
+        description="group: a fresh filter per group each step (the paper); prompt: one filter per prompt whose "
+        "(x̂, P) carries over to the prompt's next visit. krpo only.",
+    )
 
 
 class AlgorithmSettings(_Strict):
@@ -150,6 +155,15 @@ class AlgorithmSettings(_Strict):
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
     kl_beta: float = Field(0.01, ge=0, description="Weight β of the KL penalty to the reference (adapter off).")
     kalman: KalmanSettings = Field(default_factory=KalmanSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlgorithmSettings":
+        if self.kalman.scope != "group" and self.advantage != "krpo":
+            raise ValueError(
+                f"algorithm.kalman.scope: {self.kalman.scope} needs algorithm.advantage: krpo "
+                f"({self.advantage} has no filter state to carry over)"
+            )
+        return self
 
 
 class GenerationSettings(_Strict):
@@ -205,6 +219,22 @@ class OutputSettings(_Strict):
     samples_per_step: int = Field(4, ge=0, description="Completions per step written to samples.jsonl.")
     save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps (and after the last step).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    log_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list,
+        description="Also log the metrics to TensorBoard (RUN/tensorboard/) and/or Weights & Biases; "
+        "metrics.jsonl is always written.",
+    )
+    wandb_project: str | None = Field(
+        None, description="W&B project (default: $WANDB_PROJECT, else krpo). WANDB_MODE=offline logs locally."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "OutputSettings":
+        if len(set(self.log_to)) != len(self.log_to):
+            raise ValueError(f"output.log_to names a backend twice: {self.log_to}")
+        if self.wandb_project is not None and "wandb" not in self.log_to:
+            raise ValueError("output.wandb_project is set but output.log_to does not include wandb")
+        return self
 
 
 class Recipe(_Strict):

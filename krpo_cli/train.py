@@ -29,7 +29,7 @@ import torch
 import yaml
 from rich.console import Console
 
-from krpo_cli.advantages import compute_advantages
+from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
@@ -42,7 +42,7 @@ from krpo_cli.checkpoint import (
 from krpo_cli.config import Recipe, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
 from krpo_cli.evaluate import evaluate_model
-from krpo_cli.logging import JsonlWriter, StepProgress
+from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy
 from krpo_cli.rewards import get_grader
@@ -234,6 +234,7 @@ def train(
     seed_everything(cfg.run.seed)
 
     # Everything a user can get wrong is loaded before the run directory is written.
+    check_logging_backends(cfg.output.log_to)
     rows = load_rows(cfg.data, "train")
     eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
     grader = get_grader(cfg.reward.grader)
@@ -260,7 +261,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     sampler = PromptSampler(rows, cfg.run.seed)
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
-    kalman = alg.kalman.model_dump()
+    kalman = alg.kalman.model_dump(exclude={"scope"})
+    baselines = PromptBaselines() if alg.kalman.scope == "prompt" else None
     rollout_size = recipe.rollout_size
     minibatch = opt.minibatch_size
     optimizer_steps_per_batch = opt.epochs_per_batch * -(-rollout_size // minibatch)
@@ -270,11 +272,13 @@ def train(
         sampler.load_state(state["sampler"])
         shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
+        if baselines is not None:
+            baselines.load_state(state["prompt_baselines"])
         first_step = state["step"] + 1
         for name in ("metrics.jsonl", "samples.jsonl"):
             truncate_jsonl(run_dir / name, state["step"])
         console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False)
-    metrics_log = JsonlWriter(run_dir / "metrics.jsonl")  # creates the file (append mode)
+    metrics_log = MetricsLogger(run_dir, recipe, first_step)  # creates metrics.jsonl (append mode)
     samples_log = JsonlWriter(run_dir / "samples.jsonl")
     logged = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     reward_history = [json.loads(line)["reward_mean"] for line in logged if line]
@@ -282,6 +286,8 @@ def train(
 
     def checkpoint_now(step: int) -> Path:
         trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state()}
+        if baselines is not None:
+            trainer_state["prompt_baselines"] = baselines.state()
         return save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, cfg.output.keep_checkpoints)
 
     with StepProgress(console, opt.steps, first_step - 1) as progress, StopRequest(console) as stop:
@@ -312,7 +318,12 @@ def train(
             groups = rewards.view(opt.prompts_per_step, alg.group_size)
 
             # ADVANTAGE: per prompt, in sampled order.
-            advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman).flatten().to(loaded.device)
+            if baselines is not None:  # kalman.scope: prompt — a prompt's filter goes on from its last visit
+                questions = [row["question"] for row in batch_rows]
+                advantages = baselines.advantages(groups, questions, generator=shuffle, **kalman)
+            else:
+                advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman)
+            advantages = advantages.flatten().to(loaded.device)
 
             # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
             update_started = time.perf_counter()
