@@ -105,6 +105,19 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def recipe_default(dotted_key: str):
+    """The default of a recipe key such as "algorithm.kalman.scope" (None if it has none)."""
+    section, *path = dotted_key.split(".")
+    model, field = Recipe, section
+    try:
+        for name in path:
+            model, field = model.model_fields[field].annotation, name
+        default = model.model_fields[field].get_default(call_default_factory=True)
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+
+
 def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
     saved_path = run_dir / "recipe.yaml"
@@ -113,9 +126,10 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     except (OSError, yaml.YAMLError, AttributeError):
         raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None
     current = flatten(recipe.model_dump(mode="json"))
+    # A key the saved recipe lacks was added to krpo after the run started: it ran with the default.
+    saved = {key: saved[key] if key in saved else recipe_default(key) for key in set(saved) | set(current)}
     differing = sorted(
-        key for key in set(saved) | set(current)
-        if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        key for key in saved if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
     )
     if differing:
         shown = ", ".join(f"{k} ({saved.get(k)!r} → {current.get(k)!r})" for k in differing[:4])

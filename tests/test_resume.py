@@ -145,3 +145,20 @@ def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, tiny_model_dir):
     resumed = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=" + str(stopped_at + 2)])
     assert resumed.exit_code == 0, resumed.output
     assert read_jsonl(run_dir / "metrics.jsonl")[-1]["step"] == stopped_at + 2
+
+
+def test_a_key_added_to_krpo_after_the_run_started_does_not_block_resume(tmp_path, tiny_model_dir):
+    """Runs saved before a recipe key existed resume if the key is at its default, and only then."""
+    import yaml
+
+    from krpo_cli.checkpoint import CheckpointError
+    from krpo_cli.config import recipe_to_yaml
+
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path))
+    saved = yaml.safe_load(recipe_to_yaml(recipe))
+    del saved["generation"]["engine"], saved["algorithm"]["kalman"]["scope"]  # as written by an older krpo
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    train_module.check_resumable(tmp_path, recipe)
+    changed = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, generation={"engine": "transformers"}))
+    with pytest.raises(CheckpointError, match="generation.engine"):
+        train_module.check_resumable(tmp_path, changed)
