@@ -84,9 +84,11 @@ def test_linear_token_log_probs_matches_log_softmax_values_and_gradients():
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad, weight.grad = None, None
     # chunks of 3 rows: the 10 positions split unevenly, so chunk edges are exercised too
-    got = linear_token_log_probs(hidden, weight, tokens, temperature=0.7, chunk_rows=3)
-    assert got.dtype == torch.float32 and got.shape == (2, 5)
-    assert torch.allclose(got.double(), expected, atol=1e-6)
-    (got.double() * upstream).sum().backward()
-    assert torch.allclose(hidden.grad, grads[0], atol=1e-6)
-    assert torch.allclose(weight.grad, grads[1], atol=1e-6)
+    for keep_bytes in (0, 2**20):  # logits recomputed in backward / kept from forward
+        got = linear_token_log_probs(hidden, weight, tokens, temperature=0.7, chunk_rows=3, keep_bytes=keep_bytes)
+        assert got.dtype == torch.float32 and got.shape == (2, 5)
+        assert torch.allclose(got.double(), expected, atol=1e-6)
+        (got.double() * upstream).sum().backward()
+        assert torch.allclose(hidden.grad, grads[0], atol=1e-6)
+        assert torch.allclose(weight.grad, grads[1], atol=1e-6)
+        hidden.grad, weight.grad = None, None

@@ -1,0 +1,110 @@
+"""Benchmark: decode speed of krpo's own decoder and of HF `generate`, beside the arithmetic floor.
+
+    python bench/generation.py [--batches 12,48] [--tokens 32] [--json bench/generation.json]
+
+Model: the embedded SmolLM2-135M-Instruct with a fresh LoRA adapter (r 16, all linear layers),
+as in training: float32 on a CPU, bfloat16 on CUDA. Every completion is forced to `--tokens`
+new tokens. For each batch size, each engine generates twice (the first is a warm-up); the
+figure is decode tokens per second of the second run, prefill included.
+
+The floor of one decode step is max(FLOPs / measured matmul rate, bytes / measured memory
+bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per step (the KV
+cache is small at these lengths). Both rates are measured here, on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device, repeats: int = 5) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def device_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float]:
+    """(matmul FLOP/s, memory bytes/s) measured on `device`."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    flops = 2 * n**3 / timed(lambda: a @ a, device)
+    big = torch.empty(256 * 2**20 // 4, device=device, dtype=torch.float32).normal_()
+    bandwidth = big.numel() * 4 / timed(lambda: big.sum(), device)
+    return flops, bandwidth
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", default=None, help="comma list; default 12,48 on CPU, 12,48,96,192,384 on CUDA")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--json", default="bench/generation.json")
+    args = parser.parse_args()
+
+    from krpo_cli.config import Recipe
+    from krpo_cli.data import build_prompt, digit_problems
+    from krpo_cli.models import load_policy
+    from krpo_cli.rollout import generate_rollout
+
+    recipe = Recipe.model_validate({
+        "run": {"name": "bench", "output_dir": "/tmp"},
+        "model": {"name_or_path": "smollm2-135m-instruct", "quantization": "none"},
+        "lora": {"r": 16, "alpha": 32},
+        "data": {"source": "digits", "system_prompt": "Answer with just the number.", "prompt_template": "What is {question}?"},
+        "reward": {"grader": "last_number"},
+    })
+    loaded = load_policy(recipe.model, recipe.lora, seed=0)
+    model, tokenizer, device, dtype = loaded.model, loaded.tokenizer, loaded.device, loaded.dtype
+    default_batches = "12,48,96,192,384" if device.type == "cuda" else "12,48"
+    batches = [int(b) for b in (args.batches or default_batches).split(",")]
+    flops, bandwidth = device_rates(device, dtype)
+    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    weight_bytes = params * torch.finfo(dtype).bits // 8
+    print(f"device {device.type}, {str(dtype).removeprefix('torch.')}: matmul {flops / 1e9:.0f} GFLOP/s, "
+          f"memory {bandwidth / 1e9:.1f} GB/s; {params / 1e6:.0f}M parameters ({weight_bytes / 2**20:.0f} MiB)")
+    print(f"{'batch':>6}{'floor tok/s':>13}{'krpo tok/s':>12}{'HF tok/s':>10}{'krpo/HF':>9}{'floor/krpo':>12}")
+
+    questions = [row["question"] for row in digit_problems()]
+    rows = []
+    for batch in batches:
+        prompts = [build_prompt(tokenizer, recipe.data, q) for q in questions[:batch]]
+        floor_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
+        floor = batch / floor_step
+        result = {"batch": batch, "floor_tokens_per_s": floor}
+        for engine in ("krpo", "transformers"):
+            def run():
+                return generate_rollout(model, tokenizer, prompts, 1, args.tokens, min_new_tokens=args.tokens, engine=engine)
+
+            run()  # warm-up
+            sync(device)
+            start = time.perf_counter()
+            rollout = run()
+            sync(device)
+            result[engine] = rollout.num_generated_tokens / (time.perf_counter() - start)
+        rows.append(result)
+        print(f"{batch:>6}{floor:>13.0f}{result['krpo']:>12.0f}{result['transformers']:>10.0f}"
+              f"{result['krpo'] / result['transformers']:>8.2f}×{floor / result['krpo']:>11.1f}×", flush=True)
+
+    settings = {"device": device.type, "dtype": str(dtype), "tokens": args.tokens, "matmul_flops": flops,
+                "bandwidth_bytes_per_s": bandwidth, "parameters": params}
+    Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
