@@ -41,6 +41,7 @@ from krpo_cli.checkpoint import (
 )
 from krpo_cli.config import Recipe, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
+from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
 from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends
 from krpo_cli.losses import policy_loss
@@ -237,9 +238,16 @@ def train(
     device: torch.device | None = None,
     resume: str | bool = False,
 ) -> Path:
-    """Run a recipe; returns the run directory. `resume`: True for the latest checkpoint, or a path."""
-    console = console or Console()
+    """Run a recipe; returns the run directory. `resume`: True for the latest checkpoint, or a path.
+
+    Under `accelerate launch`/`torchrun` every process runs this loop on its share of the prompts;
+    rank 0 alone writes and prints (docs/distributed.md).
+    """
     cfg, alg, gen, opt = recipe, recipe.algorithm, recipe.generation, recipe.train
+    dist = DistributedContext.from_env()  # one process: no process group, every helper a no-op
+    dist.check_prompts_per_step(opt.prompts_per_step)
+    console = (console or Console()) if dist.is_main else Console(quiet=True)
+    device = device or dist.device
     run_dir = check_run_dir(recipe, overwrite, bool(resume))
     checkpoint = None
     if resume:
@@ -255,11 +263,15 @@ def train(
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     engine = pick_engine(model, gen.engine)
-    if checkpoint is None:
-        prepare_run_dir(run_dir, recipe, recipe_text)
-    run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
-                "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine}
-    (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+    dist.seed_sampling(cfg.run.seed)  # after the LoRA init, which is the same on every rank
+    dist.barrier()  # every rank has checked the run directory before rank 0 replaces it
+    if dist.is_main:
+        if checkpoint is None:
+            prepare_run_dir(run_dir, recipe, recipe_text)
+        run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
+                    "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine,
+                    "processes": dist.world_size}
+        (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
@@ -288,28 +300,39 @@ def train(
         set_rng_state(state["rng"])
         if baselines is not None:
             baselines.load_state(state["prompt_baselines"])
+        dist.restore_rng(state, cfg.run.seed, state["step"])
         first_step = state["step"] + 1
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            truncate_jsonl(run_dir / name, state["step"])
+        if dist.is_main:
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                truncate_jsonl(run_dir / name, state["step"])
         console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False)
-    metrics_log = MetricsLogger(run_dir, recipe, first_step)  # creates metrics.jsonl (append mode)
-    samples_log = JsonlWriter(run_dir / "samples.jsonl")
-    logged = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    reward_history = [json.loads(line)["reward_mean"] for line in logged if line]
+    dist.broadcast_parameters(trainable)
+    reward_history = []
+    if dist.is_main:
+        metrics_log = MetricsLogger(run_dir, recipe, first_step)  # creates metrics.jsonl (append mode)
+        samples_log = JsonlWriter(run_dir / "samples.jsonl")
+        logged = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+        reward_history = [json.loads(line)["reward_mean"] for line in logged if line]
     consecutive_skips = 0
 
     def checkpoint_now(step: int) -> Path:
         trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state()}
         if baselines is not None:
             trainer_state["prompt_baselines"] = baselines.state()
-        return save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, cfg.output.keep_checkpoints)
+        trainer_state.update(dist.gather_rng_states())  # every rank's own sampling RNG (distributed only)
+        saved = None
+        if dist.is_main:
+            saved = save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, cfg.output.keep_checkpoints)
+        dist.barrier()
+        return saved if dist.is_main else list_checkpoints(run_dir)[-1]
 
     with StepProgress(console, opt.steps, first_step - 1) as progress, StopRequest(console) as stop:
         for step in range(first_step, opt.steps + 1):
             step_started = time.perf_counter()
 
-            # ROLLOUT: one batched generation for all prompts × G samples.
-            batch_rows = sampler.next_batch(opt.prompts_per_step)
+            # ROLLOUT: one batched generation for all prompts × G samples (this rank's share of whole prompts).
+            global_rows = sampler.next_batch(opt.prompts_per_step)
+            batch_rows = dist.shard(global_rows)  # this rank's whole prompts
             prompts = [build_prompt(tokenizer, cfg.data, row["question"]) for row in batch_rows]
             rollout = generate_rollout(
                 model,
@@ -329,20 +352,26 @@ def train(
             answers = [row["answer"] for row in batch_rows for _ in range(alg.group_size)]
             grades = [grader(text, answer) for text, answer in zip(rollout.completions, answers)]
             rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
+            correct = torch.tensor([g.correct for g in grades], dtype=torch.float64)
+            formatted = torch.tensor([g.formatted for g in grades], dtype=torch.float64)
+            lengths = rollout.completion_mask.sum(dim=1).float()
+            # Every rank gets every rank's figures: advantages and metrics are those of the global batch.
+            rewards, correct, formatted, lengths = dist.gather_rows(rewards, correct, formatted, lengths)
             groups = rewards.view(opt.prompts_per_step, alg.group_size)
 
-            # ADVANTAGE: per prompt, in sampled order.
+            # ADVANTAGE: per prompt, in sampled order (the whole batch on every rank: same generator draws).
             if baselines is not None:  # kalman.scope: prompt — a prompt's filter goes on from its last visit
-                questions = [row["question"] for row in batch_rows]
-                advantages = baselines.advantages(groups, questions, generator=shuffle, **kalman)
+                questions = [row["question"] for row in global_rows]
+                all_advantages = baselines.advantages(groups, questions, generator=shuffle, **kalman)
             else:
-                advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman)
-            advantages = advantages.flatten().to(loaded.device)
+                all_advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman)
+            all_advantages = all_advantages.flatten()
+            advantages = all_advantages[dist.local_slice(rollout_size)].to(loaded.device)
 
             # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
             update_started = time.perf_counter()
             micro_batch = opt.micro_batch_size or auto_micro_batch(minibatch, rollout.sequences.shape[1], loaded.device)
-            everything = torch.arange(rollout_size)
+            everything = torch.arange(len(rollout.completions))
             with torch.no_grad():
                 model.eval()
                 ref_log_probs = None
@@ -353,17 +382,19 @@ def train(
                 if optimizer_steps_per_batch > 1:
                     old_log_probs = batched_log_probs(model, rollout, everything, micro_batch, gen.temperature)
 
-            # UPDATE: shuffled minibatches, gradient accumulation over micro-batches.
+            # UPDATE: shuffled minibatches, gradient accumulation over micro-batches. With several
+            # processes each trains on the rows it holds of the same global minibatch.
             model.train()
             losses, kls, clip_fracs, grad_norms, skipped = [], [], [], [], 0
             for _ in range(opt.epochs_per_batch):
                 order = torch.randperm(rollout_size, generator=shuffle)
                 for mb_start in range(0, rollout_size, minibatch):
                     mb_rows = order[mb_start : mb_start + minibatch]
+                    my_rows = dist.local_rows(mb_rows, rollout_size)
                     optimizer.zero_grad(set_to_none=True)
                     mb_loss = 0.0
-                    for start in range(0, len(mb_rows), micro_batch):
-                        index = mb_rows[start : start + micro_batch]
+                    for start in range(0, len(my_rows), micro_batch):
+                        index = my_rows[start : start + micro_batch]
                         log_probs = completion_log_probs(
                             model,
                             rollout.sequences[index],
@@ -381,11 +412,12 @@ def train(
                             clip_eps=alg.clip_eps,
                             kl_beta=alg.kl_beta,
                         )
-                        loss = parts.loss.sum() / len(mb_rows)  # mean over the minibatch's sequences
+                        loss = parts.loss.sum() / len(mb_rows)  # mean over the (global) minibatch's sequences
                         loss.backward()
                         mb_loss += loss.item()
                         kls.extend(parts.kl.tolist())
                         clip_fracs.extend(parts.clip_fraction.tolist())
+                    mb_loss = dist.sum_gradients(trainable, mb_loss)  # ranks' shares → the whole minibatch's
                     grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opt.max_grad_norm)
                     if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
                         optimizer.zero_grad(set_to_none=True)
@@ -406,58 +438,69 @@ def train(
             model.eval()
 
             # LOG
+            (generated_tokens,) = dist.reduce_floats([rollout.num_generated_tokens], "sum")
+            (rollout_seconds,) = dist.reduce_floats([rollout.seconds], "max")  # the slowest rank's
             now = time.perf_counter()
-            lengths = rollout.completion_mask.sum(dim=1).float()
             metrics = {
                 "step": step,
                 "reward_mean": float(rewards.mean()),
                 "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                "correct_frac": statistics.fmean(g.correct for g in grades),
-                "format_frac": statistics.fmean(g.formatted for g in grades),
+                "correct_frac": statistics.fmean(correct.tolist()),
+                "format_frac": statistics.fmean(formatted.tolist()),
                 "frac_zero_std": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
-                "advantage_mean": float(advantages.mean()),
-                "advantage_abs_max": float(advantages.abs().max()),
+                "advantage_mean": float(all_advantages.mean()),
+                "advantage_abs_max": float(all_advantages.abs().max()),
                 "loss": statistics.fmean(losses) if losses else float("nan"),
-                "kl": statistics.fmean(kls),
-                "clip_frac": statistics.fmean(clip_fracs),
+                "kl": dist.global_mean(kls),
+                "clip_frac": dist.global_mean(clip_fracs),
                 "grad_norm": statistics.fmean(grad_norms) if grad_norms else float("nan"),
                 "skipped_updates": skipped,
                 "completion_len_mean": float(lengths.mean()),
-                "tokens_per_s": rollout.num_generated_tokens / max(rollout.seconds, 1e-9),
-                "rollout_seconds": rollout.seconds,
+                "tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
+                "rollout_seconds": rollout_seconds,
                 "update_seconds": now - update_started,
                 "step_seconds": now - step_started,
                 "lr": scheduler.get_last_lr()[0],
             }
-            if eval_rows and (step % cfg.eval.every == 0 or step == opt.steps):
+            if dist.is_main and eval_rows and (step % cfg.eval.every == 0 or step == opt.steps):
                 # The same evaluation as `krpo eval`, on a fixed held-out subset (greedy: no RNG draws).
                 report = evaluate_model(model, tokenizer, eval_rows, cfg, batch_size=cfg.eval.batch_size)
                 metrics["eval/accuracy"] = report.metrics["accuracy"]
                 metrics["eval/mean_reward"] = report.metrics["mean_reward"]
-            metrics_log.write(metrics)
-            for i in range(min(cfg.output.samples_per_step, opt.prompts_per_step)):
-                j = i * alg.group_size  # the first completion of each of the first prompts
-                samples_log.write(
-                    {
-                        "step": step,
-                        "question": batch_rows[i]["question"],
-                        "answer": batch_rows[i]["answer"],
-                        "completion": rollout.completions[j],
-                        "reward": grades[j].reward,
-                    }
-                )
+            if dist.is_main:
+                metrics_log.write(metrics)
+                for i in range(min(cfg.output.samples_per_step, len(batch_rows))):
+                    j = i * alg.group_size  # the first completion of each of the first prompts (rank 0's)
+                    samples_log.write(
+                        {
+                            "step": step,
+                            "question": batch_rows[i]["question"],
+                            "answer": batch_rows[i]["answer"],
+                            "completion": rollout.completions[j],
+                            "reward": grades[j].reward,
+                        }
+                    )
             reward_history.append(metrics["reward_mean"])
             progress.update(metrics)
-            if step % cfg.output.save_every == 0 or step == opt.steps or stop.signal is not None:
+            stopping = dist.any(stop.signal is not None)  # all ranks stop at the same step
+            if step % cfg.output.save_every == 0 or step == opt.steps or stopping:
                 saved = checkpoint_now(step)
-                if stop.signal is not None and step < opt.steps:
-                    metrics_log.close()
-                    samples_log.close()
+                if stopping and step < opt.steps:
+                    if dist.is_main:
+                        metrics_log.close()
+                        samples_log.close()
                     raise TrainingInterrupted(step, saved)
 
-    metrics_log.close()
-    samples_log.close()
-    model.save_pretrained(run_dir / "adapter")
+    digests = dist.check_in_sync(adapter_state(model)) if dist.is_distributed else []
+    if dist.is_main:
+        metrics_log.close()
+        samples_log.close()
+        model.save_pretrained(run_dir / "adapter")
+    dist.close()  # a barrier: when any rank returns, the adapter is written
+    if not dist.is_main:
+        return run_dir
+    if digests:
+        console.print(f"adapter sha256 by rank: {' '.join(digests)} (identical)", highlight=False, soft_wrap=True)
     first, last = quarter_means(reward_history)
     console.print(
         f"done: {opt.steps} steps · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
