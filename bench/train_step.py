@@ -9,6 +9,10 @@ per generation batch, and per-sequence loss aggregation (TRL: loss_type="grpo",
 scale_rewards="group"). Each framework runs in its own process (so peak RSS is its own),
 alternating for several rounds; the first step of every round is a warm-up and is dropped.
 Prints median seconds per step, completions/s and peak RSS side by side, with ratios.
+
+krpo runs twice per round: with GRPO's advantage (what TRL computes; the comparison with TRL)
+and with the Kalman filter (KRPO), otherwise identical, to show the filter's cost per step;
+the two estimators are also timed alone on one step's rewards.
 """
 
 from __future__ import annotations
@@ -25,13 +29,15 @@ from pathlib import Path
 
 SYSTEM = "Answer with just the number."
 GROUP, PROMPTS, LR, BETA, RANK = 8, 2, 3e-4, 0.01, 16
+# krpo with GRPO's advantage (the configuration TRL runs), krpo with the Kalman filter, TRL.
+KINDS = ["krpo", "krpo-kalman", "trl"]
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_krpo(steps: int, tokens: int) -> list[float]:
+def run_krpo(steps: int, tokens: int, advantage: str = "grpo") -> list[float]:
     from krpo_cli.config import Recipe
     from krpo_cli.train import train
 
@@ -42,7 +48,7 @@ def run_krpo(steps: int, tokens: int) -> list[float]:
         "lora": {"r": RANK, "alpha": 2 * RANK},
         "data": {"source": "digits", "system_prompt": SYSTEM, "prompt_template": "What is {question}?"},
         "reward": {"grader": "last_number"},
-        "algorithm": {"advantage": "grpo", "group_size": GROUP, "kl_beta": BETA},
+        "algorithm": {"advantage": advantage, "group_size": GROUP, "kl_beta": BETA},
         "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
         "train": {"steps": steps, "prompts_per_step": PROMPTS, "minibatch_size": GROUP * PROMPTS, "learning_rate": LR},
         "output": {"save_every": 10_000, "samples_per_step": 0},
@@ -107,8 +113,27 @@ def run_trl(steps: int, tokens: int) -> list[float]:
 
 
 def worker(kind: str, steps: int, tokens: int) -> None:
-    times = (run_krpo if kind == "krpo" else run_trl)(steps, tokens)
+    if kind == "trl":
+        times = run_trl(steps, tokens)
+    else:
+        times = run_krpo(steps, tokens, advantage="krpo" if kind == "krpo-kalman" else "grpo")
     print(json.dumps({"kind": kind, "step_seconds": times, "peak_rss_mib": peak_rss_mib()}))
+
+
+def estimator_seconds(advantage: str, calls: int = 2000) -> float:
+    """Median seconds of one advantage computation for a step's rewards (PROMPTS groups of GROUP)."""
+    import torch
+
+    from krpo_cli.advantages import compute_advantages
+
+    rewards = (torch.rand(PROMPTS, GROUP, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    shuffle = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        compute_advantages(rewards, advantage, shuffle)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main() -> None:
@@ -117,14 +142,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps per round and framework; the first is warm-up")
     parser.add_argument("--completion-tokens", type=int, default=128)
     parser.add_argument("--json", default="bench/train_step.json")
-    parser.add_argument("--worker", choices=["krpo", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.steps, args.completion_tokens)
 
-    results = {"krpo": {"times": [], "rss": []}, "trl": {"times": [], "rss": []}}
+    results = {kind: {"times": [], "rss": []} for kind in KINDS}
     for round_ in range(args.rounds):
-        for kind in ("krpo", "trl") if round_ % 2 == 0 else ("trl", "krpo"):
+        for kind in KINDS[round_ % 3 :] + KINDS[: round_ % 3]:  # rotate the order every round
             cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
                    "--completion-tokens", str(args.completion_tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
@@ -135,16 +160,23 @@ def main() -> None:
                   f"peak RSS {record['peak_rss_mib']:.0f} MiB", flush=True)
 
     completions = GROUP * PROMPTS
-    summary = {}
+    summary: dict = {}
     for kind, r in results.items():
         median = statistics.median(r["times"])
         summary[kind] = {"median_step_s": median, "completions_per_s": completions / median,
                          "peak_rss_mib": max(r["rss"]), "steps_measured": len(r["times"])}
-    k, t = summary["krpo"], summary["trl"]
+    k, t, kk = summary["krpo"], summary["trl"], summary["krpo-kalman"]
     print(f"\n{'':22}{'krpo':>10}{'TRL':>10}{'ratio':>10}")
     print(f"{'median s/step':22}{k['median_step_s']:>10.2f}{t['median_step_s']:>10.2f}{t['median_step_s'] / k['median_step_s']:>9.2f}×")
     print(f"{'completions/s':22}{k['completions_per_s']:>10.2f}{t['completions_per_s']:>10.2f}{k['completions_per_s'] / t['completions_per_s']:>9.2f}×")
     print(f"{'peak RSS (MiB)':22}{k['peak_rss_mib']:>10.0f}{t['peak_rss_mib']:>10.0f}{k['peak_rss_mib'] / t['peak_rss_mib']:>9.2f}×")
+    kalman_s, grpo_s = estimator_seconds("krpo"), estimator_seconds("grpo")
+    summary["estimators"] = {"krpo_seconds": kalman_s, "grpo_seconds": grpo_s,
+                             "overhead_fraction_of_step": (kalman_s - grpo_s) / k["median_step_s"]}
+    print(f"\nKRPO vs GRPO (same krpo loop): median s/step {kk['median_step_s']:.2f} vs {k['median_step_s']:.2f} "
+          f"({kk['median_step_s'] / k['median_step_s'] - 1:+.1%}); the estimators alone: "
+          f"{kalman_s * 1e6:.0f} µs vs {grpo_s * 1e6:.0f} µs per step "
+          f"({(kalman_s - grpo_s) / k['median_step_s']:+.4%} of a step)")
     settings = {"group": GROUP, "prompts": PROMPTS, "completion_tokens": args.completion_tokens, "lora_r": RANK,
                 "beta": BETA, "dtype": "float32", "device": "cpu", "rounds": args.rounds, "steps_per_round": args.steps}
     Path(args.json).write_text(json.dumps({"settings": settings, "summary": summary, "raw": results}, indent=2))

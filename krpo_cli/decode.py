@@ -222,8 +222,13 @@ def generate_tokens(
     top_p: float = 1.0,
     min_new_tokens: int | None = None,
     greedy: bool = False,
+    group_size: int = 1,
 ) -> torch.Tensor:
-    """Completion token ids (B, ≤ max_new_tokens) for left-padded prompts; rows end at EOS, then padding."""
+    """Completion token ids (B, ≤ max_new_tokens) for left-padded prompts; rows end at EOS, then padding.
+
+    With `group_size` G > 1 and rows that come in runs of G copies of a prompt (a rollout's
+    layout), each prompt is read once and its keys and values are copied to its G rows.
+    """
     batch, prompt_length = input_ids.shape
     weights = DecoderWeights(model, rows_hint=batch)
     config = weights.config
@@ -243,7 +248,19 @@ def generate_tokens(
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
     attend = (causal & key_valid[:, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
-    logits = forward_step(weights, cache, input_ids, positions, 0, attend[:, None])
+    shared = group_size > 1 and batch % group_size == 0
+    if shared:
+        firsts = slice(None, None, group_size)
+        shared = torch.equal(input_ids, input_ids[firsts].repeat_interleave(group_size, dim=0))
+    if shared:
+        prompts_cache = StaticCache(len(weights.layers), batch // group_size, config.num_key_value_heads,
+                                    prompt_length, head_dim, weights.dtype, weights.device)
+        logits = forward_step(weights, prompts_cache, input_ids[firsts], positions[firsts], 0, attend[firsts, None])
+        logits = logits.repeat_interleave(group_size, dim=0)
+        cache.keys[:, :, :, :prompt_length] = prompts_cache.keys.repeat_interleave(group_size, dim=1)
+        cache.values[:, :, :, :prompt_length] = prompts_cache.values.repeat_interleave(group_size, dim=1)
+    else:
+        logits = forward_step(weights, cache, input_ids, positions, 0, attend[:, None])
 
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -115,7 +115,7 @@ def generate_rollout(
         if use_krpo:
             chunks.append(
                 generate_tokens(model, input_ids[rows], prompt_mask[rows], max_new_tokens, eos_ids, pad_id,
-                                temperature, top_k, top_p, min_new_tokens, greedy)
+                                temperature, top_k, top_p, min_new_tokens, greedy, group_size)
             )
             continue
         sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)

@@ -137,3 +137,23 @@ def test_rollouts_from_both_engines_have_the_same_layout(tiny_model_dir):
     hf = generate_rollout(model, tokenizer, prompts, 2, 8, greedy=True, engine="transformers")
     assert torch.equal(krpo.sequences, hf.sequences) and torch.equal(krpo.completion_mask, hf.completion_mask)
     assert krpo.completions == hf.completions
+
+
+def test_prompts_shared_across_a_group_are_read_once_with_the_same_result(tiny_model_dir, monkeypatch):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids, mask = left_padded_prompts()
+    ids, mask = ids.repeat_interleave(3, dim=0), mask.repeat_interleave(3, dim=0)  # 3 prompts × G=3
+    prefill_rows = []
+    real_step = decode.forward_step
+
+    def counting_step(weights, cache, input_ids, *rest):
+        prefill_rows.append(input_ids.shape)
+        return real_step(weights, cache, input_ids, *rest)
+
+    monkeypatch.setattr(decode, "forward_step", counting_step)
+    shared = generate_tokens(model, ids, mask, 6, eos_ids=[2], pad_id=0, greedy=True, group_size=3)
+    assert prefill_rows[0] == (3, 5)  # one row per distinct prompt
+    prefill_rows.clear()
+    unshared = generate_tokens(model, ids, mask, 6, eos_ids=[2], pad_id=0, greedy=True)
+    assert prefill_rows[0] == (9, 5)
+    assert torch.equal(shared, unshared)
