@@ -35,8 +35,14 @@ def engine_supports(model) -> bool:
         return False
     lora_modules = [m for m in base.modules() if hasattr(m, "lora_A")]
     for module in lora_modules:
-        if any(module.use_dora.get(name, False) for name in module.active_adapters):
-            return False
+        if getattr(module, "merged", False):
+            return False  # the delta is already in the base weight; adding it again would double it
+        for name in module.active_adapters:
+            # Only plain LoRA folds into W + s·B·A: DoRA, a LoRA bias and PEFT's other variants do not.
+            if module.use_dora.get(name, False) or getattr(module, "lora_bias", {}).get(name, False):
+                return False
+            if getattr(module, "lora_variant", {}).get(name) is not None:
+                return False
     embed, head = base.model.embed_tokens, base.get_output_embeddings()
     return not hasattr(embed, "lora_A") and not hasattr(embed, "lora_embedding_A") and type(head) is torch.nn.Linear
 
@@ -125,8 +131,9 @@ class StaticCache:
 
     def __init__(self, num_layers, batch, kv_heads, max_length, head_dim, dtype, device):
         shape = (num_layers, batch, kv_heads, max_length, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised: every column is written (prefill, then one per decode step) before it is read.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
         end = start + keys.shape[2]
@@ -203,8 +210,11 @@ def sample_next_token(
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     # Inverse-CDF draw: one uniform number per row. (torch.multinomial draws an exponential
     # variate per vocabulary entry, which cost ~15 % of a decode step on a CPU.) Tokens
-    # with probability zero have empty intervals and are never drawn.
-    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    # with probability zero have empty intervals and are never drawn. float64, so that
+    # rare tokens still widen the running sum and the uniform resolves them.
+    cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)
+    if not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise FloatingPointError("the model produced non-finite logits while sampling")
     uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 

@@ -50,6 +50,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, tokens, log_norm = ctx.saved_tensors
         temperature, chunk_rows, kept = ctx.temperature, ctx.chunk_rows, ctx.kept

@@ -67,8 +67,9 @@ def pick_engine(model, engine: str) -> str:
     if engine == "krpo":
         if not supported:
             raise ModelError(
-                "generation.engine 'krpo' does not support this model (Llama, Mistral, Qwen2 and Qwen3 "
-                "without DoRA or adapters on the embeddings); use 'auto' or 'transformers'"
+                "generation.engine 'krpo' does not support this model or adapter (it takes Llama, Mistral, "
+                "Qwen2 and Qwen3 with plain LoRA: no DoRA, LoRA bias or other LoRA variant, no adapter on the "
+                "embeddings, no sliding window); use 'auto' or 'transformers'"
             )
         return engine
     on_cpu = next(model.parameters()).device.type == "cpu"

@@ -157,3 +157,22 @@ def test_prompts_shared_across_a_group_are_read_once_with_the_same_result(tiny_m
     unshared = generate_tokens(model, ids, mask, 6, eos_ids=[2], pad_id=0, greedy=True)
     assert prefill_rows[0] == (9, 5)
     assert torch.equal(shared, unshared)
+
+
+@pytest.mark.parametrize("option", ["lora_bias", "use_dora"])
+def test_adapters_that_do_not_fold_into_the_weights_use_hf_generate(tiny_model_dir, option):
+    """A LoRA bias or DoRA is not W + s·B·A: the decoder must refuse rather than drop it."""
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert decode.engine_supports(get_peft_model(base, LoraConfig(r=2, target_modules="all-linear")))
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear", **{option: True}))
+    assert not decode.engine_supports(model)
+    assert pick_engine(model, "auto") == "transformers"
+
+
+def test_non_finite_logits_are_an_error_not_a_token():
+    logits = torch.tensor([[0.0, float("nan"), 1.0]])
+    with pytest.raises(FloatingPointError):
+        sample_next_token(logits)
