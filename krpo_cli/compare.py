@@ -23,6 +23,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from krpo_cli.logging import format_number
+
 EVAL_ACCURACY = "eval/accuracy"
 ROLLOUT_ACCURACY = "correct_frac"
 FIGURES = ("reward_final", "reward_best", "accuracy_final", "accuracy_best", "kl_final")
@@ -208,14 +210,6 @@ def unique_labels(runs: list[Run]) -> list[str]:
     return [str(run.path) if labels.count(label) > 1 else label for run, label in zip(runs, labels)]
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        return f"{value:.3g}" if value != 0 and abs(value) < 1e-3 else f"{value:.3f}"
-    return str(value)
-
-
 FIGURE_NAMES = {
     "reward_final": "reward final",
     "reward_best": "reward best",
@@ -234,7 +228,7 @@ def summary_table(summaries: list[dict]) -> Table:
     for figure in FIGURES:
         table.add_column(FIGURE_NAMES[figure].replace(" ", "\n"), justify="right")
     for s in summaries:
-        table.add_row(s["label"], str(s["steps"]), *(_fmt(s[figure]) for figure in FIGURES))
+        table.add_row(s["label"], str(s["steps"]), *(format_number(s[figure]) for figure in FIGURES))
     return table
 
 
@@ -245,7 +239,7 @@ def aggregate_table(aggregated: dict, runs: int) -> Table:
     table.add_column("mean", justify="right")
     table.add_column("± std", justify="right")
     for figure in FIGURES:
-        table.add_row(FIGURE_NAMES[figure], _fmt(aggregated[figure]["mean"]), _fmt(aggregated[figure]["std"]))
+        table.add_row(FIGURE_NAMES[figure], format_number(aggregated[figure]["mean"]), format_number(aggregated[figure]["std"]))
     return table
 
 

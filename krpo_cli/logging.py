@@ -144,7 +144,10 @@ class MetricsLogger:
             self.wandb_run.finish()
 
 
-def _fmt(value) -> str:
+def format_number(value) -> str:
+    """A figure for a progress line or a table: 3 decimals, or 3 significant digits when tiny or huge."""
+    if value is None:
+        return "—"
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
@@ -184,11 +187,11 @@ class StepProgress:
 
     def update(self, metrics: dict) -> None:
         stats = (
-            f"reward {_fmt(metrics['reward_mean'])}  correct {_fmt(metrics['correct_frac'])}  "
-            f"kl {_fmt(metrics['kl'])}  {_fmt(metrics['step_seconds'])}s/step"
+            f"reward {format_number(metrics['reward_mean'])}  correct {format_number(metrics['correct_frac'])}  "
+            f"kl {format_number(metrics['kl'])}  {format_number(metrics['step_seconds'])}s/step"
         )
         if "eval/accuracy" in metrics:
-            stats += f"  eval acc {_fmt(metrics['eval/accuracy'])}"
+            stats += f"  eval acc {format_number(metrics['eval/accuracy'])}"
         if self.progress is not None:
             self.progress.update(self.task, completed=metrics["step"], stats=stats)
         else:
