@@ -23,16 +23,22 @@ import torch.nn.functional as F
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
-def engine_supports(model) -> bool:
-    """True when `model` (plain or PEFT-wrapped) can be decoded here."""
+def architecture_supported(model) -> bool:
+    """True when `transformer_hidden` computes what `model` (plain or PEFT-wrapped) computes."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     if config.model_type not in SUPPORTED or getattr(base, "base_model_prefix", None) != "model":
         return False
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
-        return False  # a window would change attention for long sequences; leave it to generate
-    if config.model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False):
+        return False  # a window would change attention for long sequences; leave it to HF
+    return not (config.model_type in ("llama", "mistral") and getattr(config, "mlp_bias", False))
+
+
+def engine_supports(model) -> bool:
+    """True when `model` (plain or PEFT-wrapped) can be decoded here: its LoRA folds into its weights."""
+    if not architecture_supported(model):
         return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora_modules = [m for m in base.modules() if hasattr(m, "lora_A")]
     for module in lora_modules:
         if getattr(module, "merged", False):
@@ -92,8 +98,19 @@ class FusedLinear:
         out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
 
-    def split(self, y: torch.Tensor):
-        return y.split(self.sizes, dim=-1)
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each fused layer's output, in order."""
+        return self(x).split(self.sizes, dim=-1)
+
+
+class ModuleLinear:
+    """The model's own layers called one by one (adapter, dropout, quantization and autograd included)."""
+
+    def __init__(self, layers):
+        self.layers = layers
+
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(layer(x) for layer in self.layers)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -102,28 +119,36 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class DecoderWeights:
-    """Per-layer fused, merged weights of a Llama-family model, built once per rollout."""
+    """Per-layer projections of a Llama-family model.
 
-    def __init__(self, model, rows_hint: int):
+    `fused=True` (sampling): merged, fused and packed private copies, built once per rollout.
+    `fused=False` (log-probs for the loss): the model's own modules, so gradients reach the adapter.
+    """
+
+    def __init__(self, model, rows_hint: int = 1, fused: bool = True):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.base = base
         self.config = base.config
         embed = base.model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
         pack = can_pack(self.device, self.dtype)
+
+        def projection(layers):
+            return FusedLinear(layers, self.dtype, pack, rows_hint) if fused else ModuleLinear(layers)
+
         self.layers = []
         for layer in base.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 dict(
-                    qkv=FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, pack, rows_hint),
-                    o=FusedLinear([attn.o_proj], self.dtype, pack, rows_hint),
-                    gate_up=FusedLinear([mlp.gate_proj, mlp.up_proj], self.dtype, pack, rows_hint),
-                    down=FusedLinear([mlp.down_proj], self.dtype, pack, rows_hint),
+                    qkv=projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    o=projection([attn.o_proj]),
+                    gate_up=projection([mlp.gate_proj, mlp.up_proj]),
+                    down=projection([mlp.down_proj]),
                     module=layer,
                 )
             )
-        self.lm_head = FusedLinear([base.get_output_embeddings()], self.dtype, pack, rows_hint)
+        self.lm_head = FusedLinear([base.get_output_embeddings()], self.dtype, pack, rows_hint) if fused else None
 
 
 class StaticCache:
@@ -147,23 +172,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, position_ids, start: int, attend: torch.Tensor):
-    """Logits of the last position after feeding `input_ids` at cache columns start…start+T.
+def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attention):
+    """Hidden states (B, T, H) before the final norm for `input_ids` at `position_ids`.
 
-    attend: (B, 1, T, start+T) boolean, True where a query may attend a key.
+    attention(layer, q, k, v, scale) → (B, heads, T, head_dim) attends the rotated queries
+    (B, heads, T, d) to keys and values (B, kv_heads, T, d) wherever they come from: a
+    decoding cache, or prompts shared by several rows.
     """
     config, base = weights.config, weights.base
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     batch, length = input_ids.shape
-    hidden = F.embedding(input_ids, base.model.embed_tokens.weight)
+    hidden = base.model.embed_tokens(input_ids)
     cos, sin = base.model.rotary_emb(hidden, position_ids)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     for index, layer in enumerate(weights.layers):
         module = layer["module"]
         attn = module.self_attn
         normed = module.input_layernorm(hidden)
-        q, k, v = layer["qkv"].split(layer["qkv"](normed))
+        q, k, v = layer["qkv"].outputs(normed)
         q = q.view(batch, length, heads, head_dim)
         k = k.view(batch, length, kv_heads, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
@@ -172,15 +199,34 @@ def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, positio
         v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        out = attention(index, q, k, v, attn.scaling)
+        (attended,) = layer["o"].outputs(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
+        hidden = hidden + attended
+        gate, up = layer["gate_up"].outputs(module.post_attention_layernorm(hidden))
+        (mlp_out,) = layer["down"].outputs(module.mlp.act_fn(gate) * up)
+        hidden = hidden + mlp_out
+    return hidden
+
+
+def attend(q, keys, values, mask, scale):
+    """Scaled dot-product attention with a boolean mask; grouped-query heads are shared, not copied."""
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
+
+
+def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, position_ids, start: int, mask: torch.Tensor):
+    """Float32 logits (B, V) of the last position after feeding `input_ids` at cache columns start…start+T.
+
+    mask: (B, 1, T, start+T) boolean, True where a query may attend a key.
+    """
+
+    def cached_attention(index, q, k, v, scale):
         keys, values = cache.update(index, start, k, v)
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=attend, scale=attn.scaling, enable_gqa=heads != kv_heads
-        )
-        hidden = hidden + layer["o"](out.transpose(1, 2).reshape(batch, length, heads * head_dim))
-        gate, up = layer["gate_up"].split(layer["gate_up"](module.post_attention_layernorm(hidden)))
-        hidden = hidden + layer["down"](module.mlp.act_fn(gate) * up)
-    last = base.model.norm(hidden[:, -1:])
-    return weights.lm_head(last)[:, -1].float()
+        return attend(q, keys, values, mask, scale)
+
+    hidden = transformer_hidden(weights, input_ids, position_ids, cached_attention)
+    last = weights.base.model.norm(hidden[:, -1:])
+    (logits,) = weights.lm_head.outputs(last)
+    return logits[:, -1].float()
 
 
 def sample_next_token(

@@ -390,7 +390,9 @@ def train(
                 order = torch.randperm(rollout_size, generator=shuffle)
                 for mb_start in range(0, rollout_size, minibatch):
                     mb_rows = order[mb_start : mb_start + minibatch]
-                    my_rows = dist.local_rows(mb_rows, rollout_size)
+                    # Sorted, a micro-batch holds few distinct prompts, each read once (rows are i·G + j);
+                    # the minibatch's gradient is the same sum in any order.
+                    my_rows = dist.local_rows(mb_rows, rollout_size).sort().values
                     optimizer.zero_grad(set_to_none=True)
                     mb_loss = 0.0
                     for start in range(0, len(my_rows), micro_batch):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -96,3 +97,60 @@ def test_fused_output_layer_equals_the_models_own_logits(tiny_model_dir, monkeyp
         results.append((log_probs.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone()))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
+def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, monkeypatch):
+    """Reading each prompt once per group changes neither the log-probs nor the adapter's gradients."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    from krpo_cli import rollout
+
+    common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=2)
+    config = {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common, use_sliding_window=False),
+              "qwen3": Qwen3Config(**common, head_dim=16, use_sliding_window=False)}[kind]
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    # Two prompts of different lengths (left padding, one column of padding in every row), three samples
+    # each; completions of different lengths, ending at EOS (2) then padding.
+    prompts = [[0, 0, 9, 10, 11, 12, 13], [0, 0, 0, 5, 6, 7, 8]]  # sorted, the second comes first
+    completions = [[30, 31, 32, 2], [33, 2, 0, 0], [34, 35, 36, 37], [40, 41, 2, 0], [42, 43, 44, 2], [45, 2, 0, 0]]
+    sequences = torch.tensor([prompts[i // 3] + c for i, c in enumerate(completions)])
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
+    attention = torch.cat([(sequences[:, :7] != 0).long(), completion_mask], dim=1)
+    prompt_rows = []
+    real_hidden = rollout.transformer_hidden
+
+    def recording_hidden(weights, input_ids, *args):
+        prompt_rows.append(input_ids.numel())
+        return real_hidden(weights, input_ids, *args)
+
+    monkeypatch.setattr(rollout, "transformer_hidden", recording_hidden)
+    adapter = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for shared in (True, False):
+        monkeypatch.setattr(rollout, "shares_prompts", lambda m: shared)
+        model.zero_grad()
+        log_probs = completion_log_probs(model, sequences, attention, prompt_length=7, temperature=0.7)
+        (log_probs * torch.linspace(0.5, 2.0, 24).view(6, 4)).sum().backward()
+        results.append((log_probs.detach(), [p.grad.clone() for p in adapter]))
+    assert prompt_rows == [2 * 5 + 6 * 4]  # each prompt once (trimmed to 5 columns), then the completions
+    (shared_lp, shared_grads), (full_lp, full_grads) = results
+    assert torch.all(shared_lp[completion_mask == 0] == 0)
+    assert torch.allclose(shared_lp, full_lp, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(shared_grads, full_grads))
+    assert any(g.abs().max() > 1e-3 for g in shared_grads)  # the comparison is not between zeros
+
+
+def test_gradient_checkpointing_keeps_the_models_own_forward(tiny_model_dir):
+    from krpo_cli.rollout import shares_prompts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert shares_prompts(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not shares_prompts(model)
+    with torch.no_grad():  # nothing to recompute without gradients
+        assert shares_prompts(model)
