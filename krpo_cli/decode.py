@@ -208,7 +208,7 @@ def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attenti
     return hidden
 
 
-def attend(q, keys, values, mask, scale):
+def masked_attention(q, keys, values, mask, scale):
     """Scaled dot-product attention with a boolean mask; grouped-query heads are shared, not copied."""
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != keys.shape[1])
 
@@ -221,7 +221,7 @@ def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, positio
 
     def cached_attention(index, q, k, v, scale):
         keys, values = cache.update(index, start, k, v)
-        return attend(q, keys, values, mask, scale)
+        return masked_attention(q, keys, values, mask, scale)
 
     hidden = transformer_hidden(weights, input_ids, position_ids, cached_attention)
     last = weights.base.model.norm(hidden[:, -1:])

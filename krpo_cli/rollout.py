@@ -16,9 +16,9 @@ import torch
 from krpo_cli.decode import (
     DecoderWeights,
     architecture_supported,
-    attend,
     engine_supports,
     generate_tokens,
+    masked_attention,
     transformer_hidden,
 )
 from krpo_cli.losses import linear_token_log_probs, token_log_probs
@@ -274,9 +274,9 @@ def shared_prompt_log_probs(
         heads, total = q.shape[1], q.shape[2]
         qp, kp, vp = (batch_of(t, 0, split, count, length) for t in (q, k, v))
         qc, kc, vc = (batch_of(t, split, total, rows, width) for t in (q, k, v))
-        prompt_out = attend(qp, kp, vp, prompt_attend[:, None], scale)
+        prompt_out = masked_attention(qp, kp, vp, prompt_attend[:, None], scale)
         keys, values = torch.cat([kp[row_prompt], kc], dim=2), torch.cat([vp[row_prompt], vc], dim=2)
-        completion_out = attend(qc, keys, values, completion_attend[:, None], scale)
+        completion_out = masked_attention(qc, keys, values, completion_attend[:, None], scale)
         flat = [o.transpose(0, 1).reshape(heads, -1, o.shape[-1]) for o in (prompt_out, completion_out)]
         return torch.cat(flat, dim=1)[None]
 
