@@ -23,9 +23,14 @@ import torch.nn.functional as F
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
+def unwrap(model):
+    """The transformers model inside a PEFT wrapper (or `model` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def architecture_supported(model) -> bool:
     """True when `transformer_hidden` computes what `model` (plain or PEFT-wrapped) computes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     config = base.config
     if config.model_type not in SUPPORTED or getattr(base, "base_model_prefix", None) != "model":
         return False
@@ -38,7 +43,7 @@ def engine_supports(model) -> bool:
     """True when `model` (plain or PEFT-wrapped) can be decoded here: its LoRA folds into its weights."""
     if not architecture_supported(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     lora_modules = [m for m in base.modules() if hasattr(m, "lora_A")]
     for module in lora_modules:
         if getattr(module, "merged", False):
@@ -126,7 +131,7 @@ class DecoderWeights:
     """
 
     def __init__(self, model, rows_hint: int = 1, fused: bool = True):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrap(model)
         self.base = base
         self.config = base.config
         embed = base.model.embed_tokens.weight
@@ -206,6 +211,16 @@ def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attenti
         (mlp_out,) = layer["down"].outputs(module.mlp.act_fn(gate) * up)
         hidden = hidden + mlp_out
     return hidden
+
+
+def prompt_attention_mask(prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(B, P, P) boolean: causal attention among a left-padded prompt's real tokens.
+
+    A padding query attends to itself only, so that it stays finite (nothing attends to it).
+    """
+    length = prompt_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=prompt_mask.device).tril()
+    return (causal & prompt_mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=prompt_mask.device)
 
 
 def masked_attention(q, keys, values, mask, scale):
@@ -299,11 +314,8 @@ def generate_tokens(
     key_valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
     key_valid[:, :prompt_length] = prompt_mask.bool()
 
-    # Prefill: causal attention among real prompt tokens. A padding row attends to itself
-    # only, so that it stays finite (it is never attended to).
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=device).tril()
-    attend = (causal & key_valid[:, None, :prompt_length]) | torch.eye(prompt_length, dtype=torch.bool, device=device)
+    attend = prompt_attention_mask(prompt_mask.bool())
     shared = group_size > 1 and batch % group_size == 0
     if shared:
         firsts = slice(None, None, group_size)

@@ -19,7 +19,9 @@ from krpo_cli.decode import (
     engine_supports,
     generate_tokens,
     masked_attention,
+    prompt_attention_mask,
     transformer_hidden,
+    unwrap,
 )
 from krpo_cli.losses import linear_token_log_probs, token_log_probs
 from krpo_cli.models import ModelError
@@ -169,7 +171,7 @@ def split_output_layer(model):
 
     Works through a PEFT wrapper; None when the output layer carries an adapter or a bias.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     head = base.get_output_embeddings()
     if base.config.model_type not in PLAIN_OUTPUT_LAYER or type(head) is not torch.nn.Linear or head.bias is not None:
         return None
@@ -221,7 +223,7 @@ def shares_prompts(model) -> bool:
     """
     if not architecture_supported(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     if base.training and getattr(base.config, "attention_dropout", 0.0):
         return False
     # transformers 5 renamed the flag; 4.x only has the old name.
@@ -256,13 +258,11 @@ def shared_prompt_log_probs(
     count, device = distinct.shape[0], sequences.device
     split = count * length  # the first `split` tokens are the prompts'
 
-    prompt_positions = (distinct_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+    prompt_positions = position_ids_from_mask(distinct_mask.long())
     completion_positions = prompt_positions[row_prompt, -1:] + 1 + torch.arange(width, device=device)
     tokens = torch.cat([distinct_ids.flatten(), completion.flatten()])[None]
     positions = torch.cat([prompt_positions.flatten(), completion_positions.flatten()])[None]
-    # Prompts: causal among real tokens; a padding query attends to itself only, to stay finite.
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-    prompt_attend = (causal & distinct_mask[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)
+    prompt_attend = prompt_attention_mask(distinct_mask)
     # Completions: their prompt's real tokens, then their own tokens so far.
     own = torch.ones(width, width, dtype=torch.bool, device=device).tril().expand(rows, width, width)
     completion_attend = torch.cat([distinct_mask[row_prompt][:, None, :].expand(rows, width, length), own], dim=2)
