@@ -9,8 +9,9 @@ instead, once per rollout:
 - fuses q/k/v and gate/up into one matrix each (fewer, larger products),
 - on a CPU with oneDNN, re-lays each matrix out for oneDNN's small-batch kernel,
 
-then decodes with a preallocated KV cache. Norms, rotary embedding and activation are the
-model's own modules, so the arithmetic is the model's up to float rounding. Sampling follows
+then decodes with a preallocated KV cache. Norms, rotary embedding and activation compute
+what the model's own modules compute (in float32 the norms run fused and the rotation with
+fewer ops, both bit-identical), so the arithmetic is the model's up to float rounding. Sampling follows
 `generate`: min-new-tokens, then temperature, top-k, top-p; finished rows emit padding.
 Architectures other than `SUPPORTED` (or adapters this cannot merge) use HF `generate`.
 """
@@ -172,9 +173,20 @@ class StaticCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm `module` applied to `x`.
+
+    In float32 as one fused op, bit-identical to the module's seven. In lower precision the
+    module itself runs: it rounds the normalised value before scaling, which the fused op does not.
+    """
+    if x.dtype == torch.float32 and hasattr(module, "variance_epsilon"):
+        return F.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding: x·cos + rotate_half(x)·sin, with the sign of rotate_half folded into the sine."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attention):
@@ -190,24 +202,24 @@ def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attenti
     batch, length = input_ids.shape
     hidden = base.model.embed_tokens(input_ids)
     cos, sin = base.model.rotary_emb(hidden, position_ids)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = sin.shape[-1] // 2
+    cos, signed_sin = cos.unsqueeze(1), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
     for index, layer in enumerate(weights.layers):
         module = layer["module"]
         attn = module.self_attn
-        normed = module.input_layernorm(hidden)
+        normed = rms_norm(module.input_layernorm, hidden)
         q, k, v = layer["qkv"].outputs(normed)
         q = q.view(batch, length, heads, head_dim)
         k = k.view(batch, length, kv_heads, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3 normalises each head before the rotation
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = rms_norm(attn.q_norm, q), rms_norm(attn.k_norm, k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, length, kv_heads, head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k = rotate(q, cos, signed_sin), rotate(k, cos, signed_sin)
         out = attention(index, q, k, v, attn.scaling)
         (attended,) = layer["o"].outputs(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
         hidden = hidden + attended
-        gate, up = layer["gate_up"].outputs(module.post_attention_layernorm(hidden))
+        gate, up = layer["gate_up"].outputs(rms_norm(module.post_attention_layernorm, hidden))
         (mlp_out,) = layer["down"].outputs(module.mlp.act_fn(gate) * up)
         hidden = hidden + mlp_out
     return hidden
@@ -239,7 +251,7 @@ def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, positio
         return masked_attention(q, keys, values, mask, scale)
 
     hidden = transformer_hidden(weights, input_ids, position_ids, cached_attention)
-    last = weights.base.model.norm(hidden[:, -1:])
+    last = rms_norm(weights.base.model.norm, hidden[:, -1:])
     (logits,) = weights.lm_head.outputs(last)
     return logits[:, -1].float()
 

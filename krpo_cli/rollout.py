@@ -20,6 +20,7 @@ from krpo_cli.decode import (
     generate_tokens,
     masked_attention,
     prompt_attention_mask,
+    rms_norm,
     transformer_hidden,
     unwrap,
 )
@@ -285,7 +286,7 @@ def shared_prompt_log_probs(
     # Token t of a row is predicted by the output before it: its prompt's last for t = 0.
     before = split + torch.arange(rows, device=device)[:, None] * width + torch.arange(-1, width - 1, device=device)
     before[:, 0] = row_prompt * length + length - 1
-    predicting = weights.base.model.norm(hidden[before[completion_mask]])
+    predicting = rms_norm(weights.base.model.norm, hidden[before[completion_mask]])
     flat = linear_token_log_probs(predicting, output_weight, completion[completion_mask], temperature)
     out = torch.zeros(rows, full_width, dtype=flat.dtype, device=device)
     return out.masked_scatter(torch.nn.functional.pad(completion_mask, (0, full_width - width)), flat)

@@ -71,6 +71,27 @@ def test_decoder_logits_match_the_model_forward(tiny_model_dir, tmp_path):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_rotation_are_bit_identical_to_the_model_modules(dtype):
+    """The decoder's fused RMSNorm and its rotation give exactly what transformers' Llama code gives."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    norm.weight.data.normal_(1.0, 0.2)
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 5, 64) * 4).to(dtype)
+    assert torch.equal(decode.rms_norm(norm, x), norm(x))
+
+    q, k = torch.randn(2, 4, 6, 16).to(dtype), torch.randn(2, 2, 6, 16).to(dtype)
+    angles = torch.randn(2, 6, 8)
+    cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
+    expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
+    signed_sin = torch.cat([-sin[..., :8], sin[..., 8:]], dim=-1).unsqueeze(1)
+    assert torch.equal(decode.rotate(q, cos.unsqueeze(1), signed_sin), expected_q)
+    assert torch.equal(decode.rotate(k, cos.unsqueeze(1), signed_sin), expected_k)
+
+
 def test_sample_next_token_top_k_and_top_p_keep_the_right_tokens():
     torch.manual_seed(0)
     # probabilities 0.5, 0.3, 0.15, 0.05
