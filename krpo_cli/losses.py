@@ -29,8 +29,10 @@ def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int 
 class _LinearTokenLogProbs(torch.autograd.Function):
     """log softmax(h·Wᵀ / T)[token] row by row, chunked.
 
-    Backward needs each chunk's logits again: they are kept when `keep` (faster) and
-    recomputed from h otherwise, so that no (rows × vocab) tensor outlives its chunk.
+    Each chunk's logits are turned in place into exp(logit − row max): their row sum gives
+    the log-normaliser and, divided by it, they are the softmax that backward needs. They are
+    kept for backward when `keep` (faster) and recomputed from h otherwise, so that no
+    (rows × vocab) tensor outlives its chunk.
     """
 
     @staticmethod
@@ -40,11 +42,15 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         ctx.kept = []
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
-            logits = (hidden[rows] @ weight.T).float().div_(temperature)
-            log_norm[rows] = torch.logsumexp(logits, dim=-1)
-            out[rows] = logits.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1) - log_norm[rows]
+            logits = _chunk_logits(hidden[rows], weight, temperature)
+            token_logits = logits.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
+            peak = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(peak).exp_()  # in place: a second vocabulary-wide tensor would cost as much again
+            total = exps.sum(dim=-1)
+            log_norm[rows] = peak.squeeze(-1) + total.log()
+            out[rows] = token_logits - log_norm[rows]
             if keep:
-                ctx.kept.append(logits)
+                ctx.kept.append((exps, total))
         ctx.save_for_backward(hidden, weight, tokens, log_norm)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
         return out
@@ -58,11 +64,17 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         for index, start in enumerate(range(0, hidden.shape[0], chunk_rows)):
             rows = slice(start, start + chunk_rows)
-            logits = kept[index] if kept else (hidden[rows] @ weight.T).float().div_(temperature)
             # d logp[token] / d logits = onehot(token) − softmax(logits), then the 1/T of the division.
-            grad_logits = logits.sub_(log_norm[rows].unsqueeze(-1)).exp_().mul_(-grad_out[rows].unsqueeze(-1))
+            if kept:
+                exps, total = kept[index]
+                grad_logits = exps.mul_((-grad_out[rows] / total).unsqueeze(-1))
+            else:
+                logits = _chunk_logits(hidden[rows], weight, temperature)
+                grad_logits = logits.sub_(log_norm[rows].unsqueeze(-1)).exp_().mul_(-grad_out[rows].unsqueeze(-1))
             grad_logits.scatter_add_(-1, tokens[rows].unsqueeze(-1), grad_out[rows].unsqueeze(-1).float())
-            grad_logits = grad_logits.div_(temperature).to(weight.dtype)
+            if temperature != 1.0:
+                grad_logits.div_(temperature)
+            grad_logits = grad_logits.to(weight.dtype)
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_logits @ weight
             if grad_weight is not None:
@@ -71,6 +83,12 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """float32 logits h·Wᵀ / T of one chunk of rows (a fresh tensor: callers work on it in place)."""
+    logits = (hidden @ weight.T).float()
+    return logits.div_(temperature) if temperature != 1.0 else logits
 
 
 def linear_token_log_probs(

@@ -72,20 +72,21 @@ def test_token_log_probs_matches_log_softmax_for_any_chunking():
         assert torch.allclose(got, expected)
 
 
-def test_linear_token_log_probs_matches_log_softmax_values_and_gradients():
+@pytest.mark.parametrize("temperature", [0.7, 1.0])
+def test_linear_token_log_probs_matches_log_softmax_values_and_gradients(temperature):
     """The fused, chunked output layer must equal log_softmax(h·Wᵀ/T)[token] and its gradient."""
     torch.manual_seed(0)
     hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 11, (2, 5))
     upstream = torch.randn(2, 5, dtype=torch.float64)
-    expected = torch.log_softmax(hidden @ weight.T / 0.7, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    expected = torch.log_softmax(hidden @ weight.T / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     (expected * upstream).sum().backward()
     grads = hidden.grad.clone(), weight.grad.clone()
     hidden.grad, weight.grad = None, None
     # chunks of 3 rows: the 10 positions split unevenly, so chunk edges are exercised too
     for keep_bytes in (0, 2**20):  # logits recomputed in backward / kept from forward
-        got = linear_token_log_probs(hidden, weight, tokens, temperature=0.7, chunk_rows=3, keep_bytes=keep_bytes)
+        got = linear_token_log_probs(hidden, weight, tokens, temperature=temperature, chunk_rows=3, keep_bytes=keep_bytes)
         assert got.dtype == torch.float32 and got.shape == (2, 5)
         assert torch.allclose(got.double(), expected, atol=1e-6)
         (got.double() * upstream).sum().backward()
