@@ -104,9 +104,9 @@ def linear_token_log_probs(
     hidden: (..., H) states before the output layer, weight: (V, H), tokens: (...). Equal to
     `token_log_probs(hidden @ weight.T / temperature, tokens)`, but computed `chunk_rows`
     positions at a time, with no log-softmax tensor and no full-vocabulary gradient kept
-    around. For backward, the float32 logits are kept when all of them take at most
-    `keep_bytes` (measured ~12 % faster than recomputing them on the quickstart model) and
-    recomputed chunk by chunk otherwise, so memory stays flat for long completions and
+    around. For backward, the chunks' float32 exponentials are kept when all of them take at
+    most `keep_bytes` (measured ~12 % faster than recomputing the logits on the quickstart
+    model) and the logits are recomputed chunk by chunk otherwise, so memory stays flat for long completions and
     large vocabularies.
     """
     shape = tokens.shape
