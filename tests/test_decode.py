@@ -92,6 +92,49 @@ def test_norm_and_rotation_are_bit_identical_to_the_model_modules(dtype):
     assert torch.equal(decode.rotate(k, cos.unsqueeze(1), signed_sin), expected_k)
 
 
+def lora_layer(dropout: float):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(6, 5))
+    wrapped = get_peft_model(net, LoraConfig(r=2, lora_alpha=6, lora_dropout=dropout, target_modules=["proj"]))
+    layer = wrapped.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero: make the adapter matter
+    return wrapped, layer
+
+
+def test_adapted_linear_equals_the_lora_layer_in_values_and_gradients():
+    """The folded LoRA product gives PEFT's output and the same gradients for A, B and the input."""
+    _, layer = lora_layer(dropout=0.0)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    grads = {}
+    for name, fn in (("peft", layer), ("ours", lambda t: decode.adapted_linear(layer, t))):
+        layer.zero_grad()
+        x.grad = None
+        out = fn(x)
+        (out * torch.linspace(-1, 1, 5)).sum().backward()
+        grads[name] = (out.detach(), x.grad.clone(), layer.lora_A["default"].weight.grad.clone(),
+                       layer.lora_B["default"].weight.grad.clone())
+    for ours, theirs in zip(grads["ours"], grads["peft"]):
+        assert torch.allclose(ours, theirs, atol=1e-6)
+    base = layer.base_layer(x).detach()
+    assert not torch.allclose(grads["ours"][0], base, atol=1e-3)  # the adapter is really in there
+
+
+def test_adapted_linear_leaves_disabled_adapters_and_dropout_to_the_layer():
+    wrapped, layer = lora_layer(dropout=0.0)
+    x = torch.randn(4, 6)
+    with wrapped.disable_adapter():
+        assert torch.equal(decode.adapted_linear(layer, x), layer.base_layer(x))
+    wrapped, layer = lora_layer(dropout=0.5)
+    layer.train()
+    torch.manual_seed(3)
+    theirs = layer(x)
+    torch.manual_seed(3)
+    assert torch.equal(decode.adapted_linear(layer, x), theirs)  # the same dropout draws: PEFT's own forward
+
+
 def test_sample_next_token_top_k_and_top_p_keep_the_right_tokens():
     torch.manual_seed(0)
     # probabilities 0.5, 0.3, 0.15, 0.05
