@@ -193,6 +193,11 @@ class TrainSettings(_Strict):
     )
     epochs_per_batch: int = Field(1, ge=1, description="Passes over each rollout batch.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "adamw",
+        description="AdamW with float32 state (torch), or bitsandbytes' AdamW with 8-bit block-wise state "
+        "(adamw_8bit), paged out to CPU memory when the GPU runs short (paged_adamw_8bit).",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")

@@ -39,7 +39,7 @@ from krpo_cli.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.config import Recipe, RecipeError, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
@@ -224,6 +224,29 @@ def auto_micro_batch(minibatch: int, sequence_length: int, device: torch.device)
     return max(1, min(minibatch, CPU_TOKENS_PER_MICRO_BATCH // max(1, sequence_length)))
 
 
+def check_optimizer(name: str) -> None:
+    """Fail before any loading when the recipe's optimizer needs bitsandbytes and it does not import."""
+    if name != "adamw":
+        try:
+            import bitsandbytes.optim  # noqa: F401
+        except ImportError as err:
+            raise RecipeError(f"train.optimizer: {name} needs bitsandbytes, which does not import here ({err})") from None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], settings) -> torch.optim.Optimizer:
+    """The recipe's AdamW: torch's (float32 state) or bitsandbytes' with 8-bit block-wise state.
+
+    Paged state lives in CUDA unified memory; on a CPU there is nothing to page and the paged
+    optimizer is the 8-bit one.
+    """
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    import bitsandbytes.optim as bnb_optim
+
+    kind = bnb_optim.PagedAdamW8bit if settings.optimizer == "paged_adamw_8bit" else bnb_optim.AdamW8bit
+    return kind(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
 def quarter_means(values: list[float]) -> tuple[float, float]:
     """Mean of the first and of the last quarter of a series (at least one value each)."""
     k = max(1, len(values) // 4)
@@ -257,6 +280,7 @@ def train(
 
     # Everything a user can get wrong is loaded before the run directory is written.
     check_logging_backends(cfg.output.log_to)
+    check_optimizer(opt.optimizer)
     rows = load_rows(cfg.data, "train")
     eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
     grader = get_grader(cfg.reward.grader)
@@ -282,7 +306,7 @@ def train(
         highlight=False,
     )
 
-    optimizer = torch.optim.AdamW(trainable, lr=opt.learning_rate, weight_decay=opt.weight_decay)
+    optimizer = make_optimizer(trainable, opt)
     warmup = opt.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     sampler = PromptSampler(rows, cfg.run.seed)

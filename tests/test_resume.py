@@ -36,14 +36,19 @@ def adapter_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
+def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, optimizer):
+    if optimizer != "adamw":
+        pytest.importorskip("bitsandbytes")  # not installed on macOS
     monkeypatch.setattr(train_module, "get_grader", lambda name: varied_grader)
-    straight = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "a", train={"steps": 4}, output={"save_every": 2}))
-    full = train_module.train(straight)
 
-    first_half = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "b", train={"steps": 2}, output={"save_every": 2}))
-    resumed_dir = train_module.train(first_half)
-    second_half = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "b", train={"steps": 4}, output={"save_every": 2}))
+    def recipe(run: str, steps: int) -> Recipe:
+        train = {"steps": steps, "optimizer": optimizer}
+        return Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / run, train=train, output={"save_every": 2}))
+
+    full = train_module.train(recipe("a", 4))
+    resumed_dir = train_module.train(recipe("b", 2))
+    second_half = recipe("b", 4)
     assert train_module.train(second_half, resume=True) == resumed_dir
 
     a, b = adapter_weights(full), adapter_weights(resumed_dir)

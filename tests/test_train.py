@@ -100,3 +100,35 @@ def test_auto_micro_batch_budgets_tokens_on_cpu_only():
     assert train_module.auto_micro_batch(16, 10_000, cpu) == 1  # never zero rows
     assert train_module.auto_micro_batch(3, 20, cpu) == 3  # never more than the minibatch
     assert train_module.auto_micro_batch(16, 156, gpu) == 16
+
+
+def test_8bit_adamw_keeps_8bit_state_that_survives_a_weights_only_round_trip(tmp_path):
+    """bitsandbytes' AdamW keeps uint8 moments, descends, and resumes exactly from a checkpointed state."""
+    pytest.importorskip("bitsandbytes")  # not installed on macOS
+    from krpo_cli.config import TrainSettings
+    from krpo_cli.train import make_optimizer
+
+    torch.manual_seed(0)
+    target = torch.randn(8, 1024)  # 8192 elements: above bitsandbytes' 4096-element floor for 8-bit state
+    settings = TrainSettings(optimizer="adamw_8bit", learning_rate=0.05)
+
+    def run(param, optimizer, steps):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            ((param - target) ** 2).mean().backward()
+            optimizer.step()
+
+    param = torch.nn.Parameter(torch.zeros(8, 1024))
+    optimizer = make_optimizer([param], settings)
+    start_loss = float(((param - target) ** 2).mean())
+    run(param, optimizer, 20)
+    assert optimizer.state[param]["state1"].dtype == torch.uint8
+    assert float(((param - target) ** 2).mean()) < 0.5 * start_loss
+
+    torch.save(optimizer.state_dict(), tmp_path / "state.pt")
+    copy = torch.nn.Parameter(param.detach().clone())
+    restored = make_optimizer([copy], settings)
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    run(param, optimizer, 3)
+    run(copy, restored, 3)
+    assert torch.equal(param, copy)
