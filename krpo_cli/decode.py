@@ -11,8 +11,9 @@ instead, once per rollout:
 
 then decodes with a preallocated KV cache. Norms, rotary embedding and activation compute
 what the model's own modules compute (in float32 the norms run fused and the rotation with
-fewer ops, both bit-identical), so the arithmetic is the model's up to float rounding. Sampling follows
-`generate`: min-new-tokens, then temperature, top-k, top-p; finished rows emit padding.
+fewer ops, both bit-identical), so the arithmetic is the model's up to float rounding.
+Sampling follows `generate`: min-new-tokens, then temperature, top-k, top-p; finished rows
+emit padding.
 Architectures other than `SUPPORTED` (or adapters this cannot merge) use HF `generate`.
 """
 

@@ -106,8 +106,8 @@ def linear_token_log_probs(
     positions at a time, with no log-softmax tensor and no full-vocabulary gradient kept
     around. For backward, the chunks' float32 exponentials are kept when all of them take at
     most `keep_bytes` (measured ~12 % faster than recomputing the logits on the quickstart
-    model) and the logits are recomputed chunk by chunk otherwise, so memory stays flat for long completions and
-    large vocabularies.
+    model) and the logits are recomputed chunk by chunk otherwise, so memory stays flat for
+    long completions and large vocabularies.
     """
     shape = tokens.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])

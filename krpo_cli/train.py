@@ -39,7 +39,7 @@ from krpo_cli.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from krpo_cli.config import Recipe, RecipeError, recipe_to_yaml
+from krpo_cli.config import Recipe, RecipeError, TrainSettings, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
@@ -233,7 +233,7 @@ def check_optimizer(name: str) -> None:
             raise RecipeError(f"train.optimizer: {name} needs bitsandbytes, which does not import here ({err})") from None
 
 
-def make_optimizer(params: list[torch.nn.Parameter], settings) -> torch.optim.Optimizer:
+def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) -> torch.optim.Optimizer:
     """The recipe's AdamW: torch's (float32 state) or bitsandbytes' with 8-bit block-wise state.
 
     Paged state lives in CUDA unified memory; on a CPU there is nothing to page and the paged
