@@ -99,9 +99,14 @@ def test_fused_output_layer_equals_the_models_own_logits(tiny_model_dir, monkeyp
     assert torch.allclose(results[0][1], results[1][1], atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, monkeypatch):
-    """Reading each prompt once per group changes neither the log-probs nor the adapter's gradients."""
+@pytest.mark.parametrize("kind, dtype", [("llama", "float32"), ("qwen2", "float32"), ("qwen3", "float32"),
+                                         ("llama", "bfloat16")])
+def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, dtype, monkeypatch):
+    """Reading each prompt once per group changes neither the log-probs nor the adapter's gradients.
+
+    In bfloat16 PEFT keeps the adapter in float32 on a bfloat16 base: the folded LoRA product
+    must mix the two as PEFT does (up to bfloat16 rounding).
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -112,7 +117,7 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, monkeypatch)
     config = {"llama": LlamaConfig(**common), "qwen2": Qwen2Config(**common, use_sliding_window=False),
               "qwen3": Qwen3Config(**common, head_dim=16, use_sliding_window=False)}[kind]
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_config(config)
+    base = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
     # Two prompts of different lengths (left padding, one column of padding in every row), three samples
     # each; completions of different lengths, ending at EOS (2) then padding.
@@ -140,8 +145,12 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, monkeypatch)
     assert prompt_rows == [2 * 5 + 6 * 4]  # each prompt once (trimmed to 5 columns), then the completions
     (shared_lp, shared_grads), (full_lp, full_grads) = results
     assert torch.all(shared_lp[completion_mask == 0] == 0)
-    assert torch.allclose(shared_lp, full_lp, atol=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(shared_grads, full_grads))
+    if dtype == "float32":
+        assert torch.allclose(shared_lp, full_lp, atol=1e-5)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(shared_grads, full_grads))
+    else:  # bfloat16 keeps ~3 digits; measured: log-probs within 2e-3, gradients within 2 % (norm)
+        assert torch.allclose(shared_lp, full_lp, atol=1e-2)
+        assert all((a - b).norm() <= 0.05 * b.norm() for a, b in zip(shared_grads, full_grads))
     assert any(g.abs().max() > 1e-3 for g in shared_grads)  # the comparison is not between zeros
 
 
