@@ -46,18 +46,26 @@ def engine_supports(model) -> bool:
     if not architecture_supported(model):
         return False
     base = unwrap(model)
-    lora_modules = [m for m in base.modules() if hasattr(m, "lora_A")]
-    for module in lora_modules:
-        if getattr(module, "merged", False):
-            return False  # the delta is already in the base weight; adding it again would double it
-        for name in module.active_adapters:
-            # Only plain LoRA folds into W + s·B·A: DoRA, a LoRA bias and PEFT's other variants do not.
-            if module.use_dora.get(name, False) or getattr(module, "lora_bias", {}).get(name, False):
-                return False
-            if getattr(module, "lora_variant", {}).get(name) is not None:
-                return False
+    if not all(plain_lora(m) for m in base.modules() if hasattr(m, "lora_A")):
+        return False
     embed, head = base.model.embed_tokens, base.get_output_embeddings()
     return not hasattr(embed, "lora_A") and not hasattr(embed, "lora_embedding_A") and type(head) is torch.nn.Linear
+
+
+def plain_lora(layer) -> bool:
+    """True when every active adapter of a LoRA `layer` is W + s·B·A, not yet merged into W.
+
+    DoRA, a LoRA bias and PEFT's other variants are not; a merged delta is already in the
+    base weight, and adding it again would double it.
+    """
+    if getattr(layer, "merged", False):
+        return False
+    for name in layer.active_adapters:
+        if layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False):
+            return False
+        if getattr(layer, "lora_variant", {}).get(name) is not None:
+            return False
+    return True
 
 
 def dense_weight(layer) -> torch.Tensor:
@@ -127,17 +135,11 @@ def adapted_linear(layer, x: torch.Tensor) -> torch.Tensor:
     adding inside the B product saves two full-width passes forward and one backward.
     Anything else (no adapter, adapters disabled, active dropout, DoRA, …) calls the layer.
     """
-    if not hasattr(layer, "lora_A") or layer.disable_adapters or layer.merged:
+    if not hasattr(layer, "lora_A") or layer.disable_adapters or not plain_lora(layer):
         return layer(x)
     names = [name for name in layer.active_adapters if name in layer.lora_A]
-    for name in names:
-        if layer.use_dora.get(name, False) or getattr(layer, "lora_bias", {}).get(name, False):
-            return layer(x)
-        if getattr(layer, "lora_variant", {}).get(name) is not None:
-            return layer(x)
-        dropout = layer.lora_dropout[name]
-        if layer.training and not isinstance(dropout, torch.nn.Identity) and dropout.p > 0:
-            return layer(x)
+    if layer.training and any(getattr(layer.lora_dropout[name], "p", 0.0) > 0 for name in names):
+        return layer(x)
     result = layer.base_layer(x)
     out = result.reshape(-1, result.shape[-1])
     for name in names:
@@ -212,8 +214,14 @@ def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
     return module(x)
 
 
+def signed_sine(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sine with rotate_half's sign folded in: its first half negated."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding: x·cos + rotate_half(x)·sin, with the sign of rotate_half folded into the sine."""
+    """Rotary embedding x·cos + rotate_half(x)·sin in four ops; `signed_sin` from `signed_sine`."""
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
@@ -230,8 +238,7 @@ def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attenti
     batch, length = input_ids.shape
     hidden = base.model.embed_tokens(input_ids)
     cos, sin = base.model.rotary_emb(hidden, position_ids)
-    half = sin.shape[-1] // 2
-    cos, signed_sin = cos.unsqueeze(1), torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(1)
+    cos, signed_sin = cos.unsqueeze(1), signed_sine(sin).unsqueeze(1)
     for index, layer in enumerate(weights.layers):
         module = layer["module"]
         attn = module.self_attn

@@ -87,7 +87,7 @@ def test_norm_and_rotation_are_bit_identical_to_the_model_modules(dtype):
     angles = torch.randn(2, 6, 8)
     cos, sin = torch.cat([angles, angles], -1).cos().to(dtype), torch.cat([angles, angles], -1).sin().to(dtype)
     expected_q, expected_k = apply_rotary_pos_emb(q, k, cos, sin)
-    signed_sin = torch.cat([-sin[..., :8], sin[..., 8:]], dim=-1).unsqueeze(1)
+    signed_sin = decode.signed_sine(sin).unsqueeze(1)
     assert torch.equal(decode.rotate(q, cos.unsqueeze(1), signed_sin), expected_q)
     assert torch.equal(decode.rotate(k, cos.unsqueeze(1), signed_sin), expected_k)
 
