@@ -1,15 +1,18 @@
 """Benchmark: decode speed of krpo's own decoder and of HF `generate`, beside the arithmetic floor.
 
     python bench/generation.py [--batches 12,48] [--tokens 32] [--json bench/generation.json]
+    python bench/generation.py --model /tmp/qwen-0.4b-random --quantization nf4   # on a GPU
 
-Model: the embedded SmolLM2-135M-Instruct with a fresh LoRA adapter (r 16, all linear layers),
-as in training: float32 on a CPU, bfloat16 on CUDA. Every completion is forced to `--tokens`
-new tokens. For each batch size, each engine generates twice (the first is a warm-up); the
-figure is decode tokens per second of the second run, prefill included.
+Model: the embedded SmolLM2-135M-Instruct (or `--model`) with a fresh LoRA adapter (r 16, all
+linear layers), as in training: float32 on a CPU, bfloat16 on CUDA, NF4 with `--quantization
+nf4` (CUDA only). Every completion is forced to `--tokens` new tokens. For each batch size,
+each engine generates twice (the first is a warm-up); the figure is decode tokens per second
+of the second run, prefill included.
 
 The floor of one decode step is max(FLOPs / measured matmul rate, bytes / measured memory
-bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per step (the KV
-cache is small at these lengths). Both rates are measured here, on this device.
+bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per step as stored
+(half a byte per NF4 weight; the KV cache is small at these lengths). Both rates are measured
+here, on this device, in the compute dtype.
 """
 
 from __future__ import annotations
@@ -49,10 +52,24 @@ def device_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float
     return flops, bandwidth
 
 
+def weight_counts(model) -> tuple[int, int]:
+    """(parameters, bytes as stored) of the base model, LoRA excluded; an NF4 tensor holds two per byte."""
+    params = stored = 0
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        quant_state = getattr(p, "quant_state", None)
+        params += quant_state.shape.numel() if quant_state is not None else p.numel()
+        stored += p.numel() * p.element_size()
+    return params, stored
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default=None, help="comma list; default 12,48 on CPU, 12,48,96,192,384 on CUDA")
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory")
+    parser.add_argument("--quantization", choices=["none", "nf4"], default="none")
     parser.add_argument("--json", default="bench/generation.json")
     args = parser.parse_args()
 
@@ -63,7 +80,7 @@ def main() -> None:
 
     recipe = Recipe.model_validate({
         "run": {"name": "bench", "output_dir": "/tmp"},
-        "model": {"name_or_path": "smollm2-135m-instruct", "quantization": "none"},
+        "model": {"name_or_path": args.model, "quantization": args.quantization},
         "lora": {"r": 16, "alpha": 32},
         "data": {"source": "digits", "system_prompt": "Answer with just the number.", "prompt_template": "What is {question}?"},
         "reward": {"grader": "last_number"},
@@ -73,9 +90,8 @@ def main() -> None:
     default_batches = "12,48,96,192,384" if device.type == "cuda" else "12,48"
     batches = [int(b) for b in (args.batches or default_batches).split(",")]
     flops, bandwidth = device_rates(device, dtype)
-    params = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
-    weight_bytes = params * torch.finfo(dtype).bits // 8
-    print(f"device {device.type}, {str(dtype).removeprefix('torch.')}: matmul {flops / 1e9:.0f} GFLOP/s, "
+    params, weight_bytes = weight_counts(model)
+    print(f"device {device.type}, {str(dtype).removeprefix('torch.')}, weights {args.quantization}: matmul {flops / 1e9:.0f} GFLOP/s, "
           f"memory {bandwidth / 1e9:.1f} GB/s; {params / 1e6:.0f}M parameters ({weight_bytes / 2**20:.0f} MiB)")
     print(f"{'batch':>6}{'floor tok/s':>13}{'krpo tok/s':>12}{'HF tok/s':>10}{'krpo/HF':>9}{'floor/krpo':>12}")
 
@@ -100,8 +116,9 @@ def main() -> None:
         print(f"{batch:>6}{floor:>13.0f}{result['krpo']:>12.0f}{result['transformers']:>10.0f}"
               f"{result['krpo'] / result['transformers']:>8.2f}×{floor / result['krpo']:>11.1f}×", flush=True)
 
-    settings = {"device": device.type, "dtype": str(dtype), "tokens": args.tokens, "matmul_flops": flops,
-                "bandwidth_bytes_per_s": bandwidth, "parameters": params}
+    settings = {"model": args.model, "device": device.type, "dtype": str(dtype), "quantization": args.quantization,
+                "tokens": args.tokens, "matmul_flops": flops, "bandwidth_bytes_per_s": bandwidth,
+                "parameters": params, "weight_bytes": weight_bytes}
     Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
     print(f"wrote {args.json}")
 

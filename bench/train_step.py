@@ -1,18 +1,22 @@
 """Benchmark: one training step of `krpo train` against TRL's GRPOTrainer, same work.
 
     python bench/train_step.py [--rounds 2] [--steps 3] [--completion-tokens 128] [--json bench/train_step.json]
+    python bench/train_step.py --model /tmp/qwen-0.4b-random      # on a GPU (see bench/device/)
 
-Both train LoRA (r 16, α 32, all linear layers) on the embedded SmolLM2-135M-Instruct in
-float32 on the CPU, on the quickstart's questions, with 2 prompts × 8 completions per step,
-every completion forced to the same length (min = max new tokens), β = 0.01, one optimizer step
-per generation batch, and per-sequence loss aggregation (TRL: loss_type="grpo",
-scale_rewards="group"). Each framework runs in its own process (so peak RSS is its own),
-alternating for several rounds; the first step of every round is a warm-up and is dropped.
-Prints median seconds per step, completions/s and peak RSS side by side, with ratios.
+Both train LoRA (r 16, α 32, all linear layers) on the same base model (default: the embedded
+SmolLM2-135M-Instruct) on the quickstart's questions, every completion forced to the same length
+(min = max new tokens), β = 0.01, one optimizer step per generation batch, and per-sequence loss
+aggregation (TRL: loss_type="grpo", scale_rewards="group"). On a CPU: float32 weights, 2 prompts
+× 8 completions per step. On CUDA: the NF4 base both frameworks load the same way (krpo's loader,
+bf16 compute), 8 prompts × 12 completions. Each framework runs in its own process (so its peak
+memory is its own: RSS on a CPU, allocated VRAM on CUDA), alternating for several rounds; the
+first step of every round is a warm-up and is dropped. Prints median seconds per step,
+completions/s and peak memory side by side, with ratios.
 
 krpo runs twice per round: with GRPO's advantage (what TRL computes; the comparison with TRL)
 and with the Kalman filter (KRPO), otherwise identical, to show the filter's cost per step;
-the two estimators are also timed alone on one step's rewards.
+the two estimators are also timed alone on one step's rewards. On CUDA krpo runs a third time
+with `generation.engine: krpo` (its own decoder; "auto" keeps HF `generate` there).
 """
 
 from __future__ import annotations
@@ -28,51 +32,72 @@ import time
 from pathlib import Path
 
 SYSTEM = "Answer with just the number."
-GROUP, PROMPTS, LR, BETA, RANK = 8, 2, 3e-4, 0.01, 16
-# krpo with GRPO's advantage (the configuration TRL runs), krpo with the Kalman filter, TRL.
+LR, BETA, RANK = 3e-4, 0.01, 16
+EMBEDDED = "smollm2-135m-instruct"
+# krpo with GRPO's advantage (the configuration TRL runs), krpo with the Kalman filter, TRL;
+# on CUDA also krpo with its own decoder.
 KINDS = ["krpo", "krpo-kalman", "trl"]
+CUDA_KINDS = KINDS + ["krpo-decoder"]
 
 
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def device_settings(device: str) -> dict:
+    """dtype, quantization and default shape per device (the issue's CPU and GPU workloads)."""
+    if device == "cuda":
+        return {"dtype": "bfloat16", "quantization": "nf4", "prompts": 8, "group": 12}
+    return {"dtype": "float32", "quantization": "none", "prompts": 2, "group": 8}
 
 
-def run_krpo(steps: int, tokens: int, advantage: str = "grpo") -> list[float]:
+def peak_memory_mib(device: str) -> dict:
+    """Peak RSS of this process, and on CUDA the peak VRAM torch allocated."""
+    peak = {"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device == "cuda":
+        import torch
+
+        peak["vram_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]:
     from krpo_cli.config import Recipe
     from krpo_cli.train import train
 
+    settings = device_settings(args.device)
     out = Path(tempfile.mkdtemp())
     recipe = Recipe.model_validate({
         "run": {"name": "bench", "output_dir": str(out), "seed": 42},
-        "model": {"name_or_path": "smollm2-135m-instruct", "dtype": "float32"},
+        "model": {"name_or_path": args.model, "dtype": settings["dtype"], "quantization": settings["quantization"]},
         "lora": {"r": RANK, "alpha": 2 * RANK},
         "data": {"source": "digits", "system_prompt": SYSTEM, "prompt_template": "What is {question}?"},
         "reward": {"grader": "last_number"},
-        "algorithm": {"advantage": advantage, "group_size": GROUP, "kl_beta": BETA},
-        "generation": {"max_new_tokens": tokens, "min_new_tokens": tokens},
-        "train": {"steps": steps, "prompts_per_step": PROMPTS, "minibatch_size": GROUP * PROMPTS, "learning_rate": LR},
+        "algorithm": {"advantage": advantage, "group_size": args.group, "kl_beta": BETA},
+        "generation": {"max_new_tokens": args.completion_tokens, "min_new_tokens": args.completion_tokens,
+                       "engine": engine},
+        "train": {"steps": args.steps, "prompts_per_step": args.prompts, "minibatch_size": args.group * args.prompts,
+                  "learning_rate": LR},
         "output": {"save_every": 10_000, "samples_per_step": 0},
     })
+    import torch
     from rich.console import Console
 
-    run_dir = train(recipe, console=Console(quiet=True))
+    run_dir = train(recipe, console=Console(quiet=True), device=torch.device(args.device))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["step_seconds"] for line in lines]
 
 
-def run_trl(steps: int, tokens: int) -> list[float]:
+def run_trl(args) -> list[float]:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from krpo_cli.data import digit_problems
-    from krpo_cli.models import load_tokenizer, quiet_libraries, resolve_model_path
+    from krpo_cli.models import load_base_model, load_tokenizer, quiet_libraries, resolve_model_path
     from krpo_cli.rewards import grade_last_number
 
     quiet_libraries()
-    path = resolve_model_path("smollm2-135m-instruct")
+    settings = device_settings(args.device)
+    path = resolve_model_path(args.model)
     rows = [
         {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {r['question']}?"}],
          "answer": r["answer"]}
@@ -90,20 +115,25 @@ def run_trl(steps: int, tokens: int) -> list[float]:
             self.start = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a step's kernels may still be queued
             self.times.append(time.perf_counter() - self.start)
 
     timer = Timer()
+    completions = args.group * args.prompts
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=GROUP * PROMPTS, num_generations=GROUP,
-        gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=tokens,
-        generation_kwargs={"min_new_tokens": tokens}, temperature=1.0, top_k=0, top_p=1.0,
-        beta=BETA, loss_type="grpo", scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant", max_steps=steps,
-        logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no", seed=42,
-        dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=completions, num_generations=args.group,
+        gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=args.completion_tokens,
+        generation_kwargs={"min_new_tokens": args.completion_tokens}, temperature=1.0, top_k=0, top_p=1.0,
+        beta=BETA, loss_type="grpo", scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant",
+        max_steps=args.steps, logging_steps=1, report_to=[], use_cpu=args.device == "cpu",
+        bf16=settings["dtype"] == "bfloat16", save_strategy="no", seed=42, dataloader_num_workers=0, disable_tqdm=True,
     )
+    # The same base model krpo trains: krpo's own loader (NF4 with double quantization on CUDA).
+    dtype = getattr(torch, settings["dtype"])
+    model = load_base_model(path, settings["quantization"], dtype, torch.device(args.device))
     trainer = GRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-        reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
+        model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=load_tokenizer(path),
         peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[timer],
@@ -112,21 +142,23 @@ def run_trl(steps: int, tokens: int) -> list[float]:
     return timer.times
 
 
-def worker(kind: str, steps: int, tokens: int) -> None:
+def worker(args) -> None:
+    kind = args.worker
     if kind == "trl":
-        times = run_trl(steps, tokens)
+        times = run_trl(args)
     else:
-        times = run_krpo(steps, tokens, advantage="krpo" if kind == "krpo-kalman" else "grpo")
-    print(json.dumps({"kind": kind, "step_seconds": times, "peak_rss_mib": peak_rss_mib()}))
+        times = run_krpo(args, advantage="krpo" if kind == "krpo-kalman" else "grpo",
+                         engine="krpo" if kind == "krpo-decoder" else "auto")
+    print(json.dumps({"kind": kind, "step_seconds": times, "peak": peak_memory_mib(args.device)}))
 
 
-def estimator_seconds(advantage: str, calls: int = 2000) -> float:
-    """Median seconds of one advantage computation for a step's rewards (PROMPTS groups of GROUP)."""
+def estimator_seconds(advantage: str, prompts: int, group: int, calls: int = 2000) -> float:
+    """Median seconds of one advantage computation for a step's rewards (`prompts` groups of `group`)."""
     import torch
 
     from krpo_cli.advantages import compute_advantages
 
-    rewards = (torch.rand(PROMPTS, GROUP, generator=torch.Generator().manual_seed(0)) < 0.4).float()
+    rewards = (torch.rand(prompts, group, generator=torch.Generator().manual_seed(0)) < 0.4).float()
     shuffle = torch.Generator().manual_seed(0)
     times = []
     for _ in range(calls):
@@ -141,44 +173,74 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="steps per round and framework; the first is warm-up")
     parser.add_argument("--completion-tokens", type=int, default=128)
+    parser.add_argument("--model", default=EMBEDDED, help="model name or directory (default: the embedded model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: 2 on CPU, 8 on CUDA)")
+    parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: 8 on CPU, 12 on CUDA)")
     parser.add_argument("--json", default="bench/train_step.json")
-    parser.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=CUDA_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = device_settings(args.device)
+    args.prompts = args.prompts or settings["prompts"]
+    args.group = args.group or settings["group"]
     if args.worker:
-        return worker(args.worker, args.steps, args.completion_tokens)
+        return worker(args)
 
-    results = {kind: {"times": [], "rss": []} for kind in KINDS}
+    kinds = CUDA_KINDS if args.device == "cuda" else KINDS
+    memory_key = "vram_mib" if args.device == "cuda" else "rss_mib"
+    results = {kind: {"times": [], "peak": []} for kind in kinds}
     for round_ in range(args.rounds):
-        for kind in KINDS[round_ % 3 :] + KINDS[: round_ % 3]:  # rotate the order every round
+        shift = round_ % len(kinds)
+        for kind in kinds[shift:] + kinds[:shift]:  # rotate the order every round
             cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
-                   "--completion-tokens", str(args.completion_tokens)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            record = json.loads(out.strip().splitlines()[-1])
+                   "--completion-tokens", str(args.completion_tokens), "--model", args.model,
+                   "--device", args.device, "--prompts", str(args.prompts), "--group", str(args.group)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode != 0:
+                sys.exit(f"the {kind} worker failed:\n{out.stderr[-4000:]}")
+            record = json.loads(out.stdout.strip().splitlines()[-1])
             results[kind]["times"] += record["step_seconds"][1:]  # drop the warm-up step
-            results[kind]["rss"].append(record["peak_rss_mib"])
-            print(f"round {round_ + 1}: {kind:4s} steps {[round(t, 2) for t in record['step_seconds']]} "
-                  f"peak RSS {record['peak_rss_mib']:.0f} MiB", flush=True)
+            results[kind]["peak"].append(record["peak"])
+            memory = ", ".join(f"{k.removesuffix('_mib')} {v:.0f} MiB" for k, v in record["peak"].items())
+            print(f"round {round_ + 1}: {kind:12s} steps {[round(t, 2) for t in record['step_seconds']]} "
+                  f"peak {memory}", flush=True)
 
-    completions = GROUP * PROMPTS
+    completions = args.group * args.prompts
     summary: dict = {}
     for kind, r in results.items():
         median = statistics.median(r["times"])
         summary[kind] = {"median_step_s": median, "completions_per_s": completions / median,
-                         "peak_rss_mib": max(r["rss"]), "steps_measured": len(r["times"])}
+                         "steps_measured": len(r["times"])}
+        for key in r["peak"][0]:
+            summary[kind][f"peak_{key}"] = max(p[key] for p in r["peak"])
     k, t, kk = summary["krpo"], summary["trl"], summary["krpo-kalman"]
-    print(f"\n{'':22}{'krpo':>10}{'TRL':>10}{'ratio':>10}")
+    memory_label = "peak VRAM (MiB)" if args.device == "cuda" else "peak RSS (MiB)"
+    print(f"\n{args.device}, {completions} completions × {args.completion_tokens} tokens per step")
+    print(f"{'':22}{'krpo':>10}{'TRL':>10}{'ratio':>10}")
     print(f"{'median s/step':22}{k['median_step_s']:>10.2f}{t['median_step_s']:>10.2f}{t['median_step_s'] / k['median_step_s']:>9.2f}×")
     print(f"{'completions/s':22}{k['completions_per_s']:>10.2f}{t['completions_per_s']:>10.2f}{k['completions_per_s'] / t['completions_per_s']:>9.2f}×")
-    print(f"{'peak RSS (MiB)':22}{k['peak_rss_mib']:>10.0f}{t['peak_rss_mib']:>10.0f}{k['peak_rss_mib'] / t['peak_rss_mib']:>9.2f}×")
-    kalman_s, grpo_s = estimator_seconds("krpo"), estimator_seconds("grpo")
+    km, tm = k[f"peak_{memory_key}"], t[f"peak_{memory_key}"]
+    print(f"{memory_label:22}{km:>10.0f}{tm:>10.0f}{km / tm:>9.2f}×")
+    if "krpo-decoder" in summary:
+        d = summary["krpo-decoder"]
+        print(f"{'krpo, own decoder':22}{d['median_step_s']:>10.2f} s/step ({t['median_step_s'] / d['median_step_s']:.2f}× TRL), "
+              f"{d[f'peak_{memory_key}']:.0f} MiB")
+    kalman_s = estimator_seconds("krpo", args.prompts, args.group)
+    grpo_s = estimator_seconds("grpo", args.prompts, args.group)
     summary["estimators"] = {"krpo_seconds": kalman_s, "grpo_seconds": grpo_s,
                              "overhead_fraction_of_step": (kalman_s - grpo_s) / k["median_step_s"]}
     print(f"\nKRPO vs GRPO (same krpo loop): median s/step {kk['median_step_s']:.2f} vs {k['median_step_s']:.2f} "
           f"({kk['median_step_s'] / k['median_step_s'] - 1:+.1%}); the estimators alone: "
           f"{kalman_s * 1e6:.0f} µs vs {grpo_s * 1e6:.0f} µs per step "
           f"({(kalman_s - grpo_s) / k['median_step_s']:+.4%} of a step)")
-    settings = {"group": GROUP, "prompts": PROMPTS, "completion_tokens": args.completion_tokens, "lora_r": RANK,
-                "beta": BETA, "dtype": "float32", "device": "cpu", "rounds": args.rounds, "steps_per_round": args.steps}
+    settings = {"model": args.model, "group": args.group, "prompts": args.prompts,
+                "completion_tokens": args.completion_tokens, "lora_r": RANK, "beta": BETA,
+                "dtype": settings["dtype"], "quantization": settings["quantization"], "device": args.device,
+                "rounds": args.rounds, "steps_per_round": args.steps}
     Path(args.json).write_text(json.dumps({"settings": settings, "summary": summary, "raw": results}, indent=2))
     print(f"wrote {args.json}")
 

@@ -135,12 +135,12 @@ def merge(
     console: Console | None = None,
 ) -> dict:
     """Merge, save, verify; returns the merge_info record."""
+    quiet_libraries()
     from peft import PeftConfig
     from transformers import AutoModelForCausalLM
 
     console = console or Console()
     started = time.perf_counter()
-    quiet_libraries()
     adapter_dir, run_dir = find_adapter(source)
     recipe = load_recipe(str(run_dir / "recipe.yaml"))[0] if run_dir else None
     run_info = read_run_info(run_dir)

@@ -148,10 +148,17 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 def quiet_libraries() -> None:
-    """Keep library progress bars and deprecation chatter out of krpo's own output."""
+    """Keep library progress bars and deprecation chatter out of krpo's own output.
+
+    Call before importing peft: it imports bitsandbytes, which on CPUs with AVX512-BF16 logs a
+    warning about an optional kernel package that krpo does not use.
+    """
+    import logging
     import warnings
 
     import transformers
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -210,9 +217,9 @@ def load_policy(model_settings, lora_settings, seed: int, device: torch.device |
     The reference policy is the same model with the adapter disabled, so there is no
     second copy of the weights.
     """
+    quiet_libraries()
     from peft import LoraConfig, get_peft_model
 
-    quiet_libraries()
     device = device or pick_device()
     quantization = resolve_quantization(model_settings.quantization, device)
     dtype = resolve_dtype(model_settings.dtype, device)

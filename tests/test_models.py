@@ -57,3 +57,15 @@ def test_lora_policy_trains_only_adapters_and_reference_is_the_base(tiny_model_d
     with torch.no_grad():
         assert torch.allclose(reference, base(ids).logits, atol=1e-6)
     assert not torch.allclose(with_adapter, reference, atol=1e-3)
+
+
+def test_quiet_libraries_silences_the_bitsandbytes_cpu_kernel_notice():
+    # On AVX512-BF16 CPUs importing peft (hence bitsandbytes) logs a warning about an optional
+    # kernel package; krpo's output should not start with it.
+    import logging
+
+    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    notice.setLevel(logging.NOTSET)
+    models.quiet_libraries()
+    assert not notice.isEnabledFor(logging.WARNING)
+    assert logging.getLogger("bitsandbytes.optim").isEnabledFor(logging.WARNING)  # other notices stay
