@@ -19,6 +19,8 @@ Architectures other than `SUPPORTED` (or adapters this cannot merge) use HF `gen
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -192,9 +194,10 @@ class StaticCache:
 
     def __init__(self, num_layers, batch, kv_heads, max_length, head_dim, dtype, device):
         shape = (num_layers, batch, kv_heads, max_length, head_dim)
-        # Uninitialised: every column is written (prefill, then one per decode step) before it is read.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        # Zeros, not garbage: the fixed-shape step (`DecodeStep`) attends over every column,
+        # masked, and a masked NaN would still poison the weighted sum.
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, layer: int, start: int, keys: torch.Tensor, values: torch.Tensor):
         end = start + keys.shape[2]
@@ -286,9 +289,84 @@ def forward_step(weights: DecoderWeights, cache: StaticCache, input_ids, positio
         return masked_attention(q, keys, values, mask, scale)
 
     hidden = transformer_hidden(weights, input_ids, position_ids, cached_attention)
+    return last_logits(weights, hidden)
+
+
+def last_logits(weights: DecoderWeights, hidden: torch.Tensor) -> torch.Tensor:
     last = rms_norm(weights.base.model.norm, hidden[:, -1:])
     (logits,) = weights.lm_head.outputs(last)
     return logits[:, -1].float()
+
+
+def uses_fixed_shape_steps(device: torch.device) -> bool:
+    """Decode with `DecodeStep` (and a CUDA graph) on CUDA; a CPU runs each op as it comes anyway."""
+    return device.type == "cuda"
+
+
+class DecodeStep:
+    """One decoding step (a token per row) that runs the same kernels on the same buffers every time.
+
+    The new keys and values go to a cache column held in a tensor, and attention spans every
+    column of the cache, masked. On CUDA the step is then captured once per rollout as a CUDA
+    graph and replayed: a small model's step is hundreds of short kernels, and launching them
+    one by one from Python costs more than running them. Without CUDA, or where capture
+    fails, the same step runs eagerly.
+    """
+
+    def __init__(self, weights: DecoderWeights, cache: StaticCache, batch: int, graph: bool):
+        device, total = cache.keys.device, cache.keys.shape[3]
+        self.weights, self.cache = weights, cache
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch, 1, 1, total, dtype=torch.bool, device=device)
+        self.mask[..., 0] = True
+        self.graph, self.logits = None, None
+        if graph:
+            self.capture()  # before the prefill: the warm-up writes cache column 0, which the prefill then fills
+
+    def run(self) -> torch.Tensor:
+        def cached_attention(index, q, k, v, scale):
+            keys, values = self.cache.keys[index], self.cache.values[index]
+            keys.index_copy_(2, self.column, k)
+            values.index_copy_(2, self.column, v)
+            return masked_attention(q, keys, values, self.mask, scale)
+
+        hidden = transformer_hidden(self.weights, self.tokens, self.position, cached_attention)
+        return last_logits(self.weights, hidden)
+
+    def capture(self) -> None:
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: lazy initialisation stays out of the graph
+                self.run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.run()
+            self.graph = graph
+        except RuntimeError as err:  # an op that cannot be captured: decode eagerly instead
+            warnings.warn(f"krpo's decoder runs without a CUDA graph: capture failed ({str(err)[:200]})", stacklevel=2)
+            self.graph, self.logits = None, None
+
+    def __call__(self, tokens: torch.Tensor, position: torch.Tensor, column: int, key_valid: torch.Tensor):
+        """Float32 logits (B, V) after feeding `tokens` (B,) at `position` (B, 1) and cache `column`.
+
+        key_valid: (B, cache length) boolean, True for the columns a row attends to. With a
+        graph, the logits tensor is reused: read it before the next call.
+        """
+        self.tokens.copy_(tokens[:, None])
+        self.position.copy_(position)
+        self.column.fill_(column)
+        self.mask.copy_(key_valid[:, None, None, :])
+        if self.graph is None:
+            return self.run()
+        self.graph.replay()
+        return self.logits
+
+
+NON_FINITE = "the model produced non-finite logits while sampling"
 
 
 def sample_next_token(
@@ -298,11 +376,14 @@ def sample_next_token(
     top_p: float = 1.0,
     greedy: bool = False,
     generator: torch.Generator | None = None,
+    finite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One token per row from (B, V) float logits, with `generate`'s warpers in its order.
 
     Temperature divides the logits; top-k keeps the k largest; top-p keeps the smallest set
     of tokens whose probability reaches p (always at least one). Greedy takes the argmax.
+    Non-finite logits raise FloatingPointError, or, given a boolean tensor `finite`, clear it
+    (so that a GPU caller need not wait for the answer at every token).
     """
     if greedy:
         return logits.argmax(dim=-1)
@@ -321,8 +402,10 @@ def sample_next_token(
     # with probability zero have empty intervals and are never drawn. float64, so that
     # rare tokens still widen the running sum and the uniform resolves them.
     cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)
-    if not bool(torch.isfinite(cdf[:, -1]).all()):
-        raise FloatingPointError("the model produced non-finite logits while sampling")
+    if finite is not None:
+        finite &= torch.isfinite(cdf[:, -1]).all()
+    elif not bool(torch.isfinite(cdf[:, -1]).all()):
+        raise FloatingPointError(NON_FINITE)
     uniform = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
@@ -357,6 +440,9 @@ def generate_tokens(
         len(weights.layers), batch, config.num_key_value_heads, total, head_dim, weights.dtype, weights.device
     )
     device = input_ids.device
+    decode_step = None
+    if uses_fixed_shape_steps(device) and max_new_tokens > 1:
+        decode_step = DecodeStep(weights, cache, batch, graph=device.type == "cuda")
     eos = torch.tensor(eos_ids, device=device)
     key_valid = torch.zeros(batch, total, dtype=torch.bool, device=device)
     key_valid[:, :prompt_length] = prompt_mask.bool()
@@ -379,19 +465,35 @@ def generate_tokens(
 
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    end_step = torch.zeros(batch, dtype=torch.long, device=device)  # the step at which a row ended
     position = positions[:, -1:]
+    # With fixed-shape steps (a GPU) the host asks whether every row has ended (and whether the
+    # logits were finite) every few tokens only: each question waits for the GPU to drain its queue.
+    check_every = 8 if decode_step is not None else 1
+    finite = torch.ones((), dtype=torch.bool, device=device) if check_every > 1 else None
     for step in range(max_new_tokens):
         if min_new_tokens and step < min_new_tokens:
             logits[:, eos] = float("-inf")
-        next_token = sample_next_token(logits, temperature, top_k, top_p, greedy)
+        next_token = sample_next_token(logits, temperature, top_k, top_p, greedy, finite=finite)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens[:, step] = next_token
-        finished |= torch.isin(next_token, eos)
-        if bool(finished.all()) or step == max_new_tokens - 1:
-            return tokens[:, : step + 1]
+        ends = torch.isin(next_token, eos) & ~finished
+        end_step = torch.where(ends, step, end_step)
+        finished |= ends
+        last = step == max_new_tokens - 1
+        if last or (step + 1) % check_every == 0:
+            if finite is not None and not bool(finite):
+                raise FloatingPointError(NON_FINITE)
+            if bool(finished.all()):  # no column after the last row's end
+                return tokens[:, : int(end_step.max()) + 1]
+            if last:
+                return tokens
         column = prompt_length + step
         key_valid[:, column] = True
         position = position + 1
-        attend = key_valid[:, None, None, : column + 1]
-        logits = forward_step(weights, cache, next_token[:, None], position, column, attend)
+        if decode_step is not None:
+            logits = decode_step(next_token, position, column, key_valid)
+        else:
+            attend = key_valid[:, None, None, : column + 1]
+            logits = forward_step(weights, cache, next_token[:, None], position, column, attend)
     return tokens

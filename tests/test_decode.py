@@ -28,9 +28,11 @@ def left_padded_prompts():
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("pack", [True, False])
-def test_greedy_decoding_equals_hf_generate(kind, pack, monkeypatch):
+@pytest.mark.parametrize("pack, fixed_shape", [(True, False), (False, False), (False, True)])
+def test_greedy_decoding_equals_hf_generate(kind, pack, fixed_shape, monkeypatch):
+    """Packed weights (CPU), plain weights, and the fixed-shape steps a GPU replays as a CUDA graph."""
     monkeypatch.setattr(decode, "can_pack", lambda device, dtype: pack and torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(decode, "uses_fixed_shape_steps", lambda device: fixed_shape)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
     for param in model.parameters():  # larger weights: sharper distributions, no near-ties in argmax
@@ -153,17 +155,20 @@ def test_sample_next_token_top_k_and_top_p_keep_the_right_tokens():
     assert sample_next_token(logits[:1], greedy=True).tolist() == [0]
 
 
-def test_min_new_tokens_and_padding_after_eos(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_min_new_tokens_and_padding_after_eos(tiny_model_dir, monkeypatch, fixed_shape):
+    """Also with fixed-shape steps, which look for the end of every row only every 8 tokens."""
+    monkeypatch.setattr(decode, "uses_fixed_shape_steps", lambda device: fixed_shape)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     eos = model.config.eos_token_id
-    real_step = decode.forward_step
+    real_logits = decode.last_logits
 
     def eos_favoured(*args):  # EOS overwhelmingly likely: only min_new_tokens holds it back
-        logits = real_step(*args)
+        logits = real_logits(*args)
         logits[:, eos] += 100.0
         return logits
 
-    monkeypatch.setattr(decode, "forward_step", eos_favoured)
+    monkeypatch.setattr(decode, "last_logits", eos_favoured)
     ids = torch.tensor([[40, 41, 42], [43, 44, 45]])
     tokens = generate_tokens(model, ids, torch.ones_like(ids), 6, eos_ids=[eos], pad_id=0, min_new_tokens=3)
     assert tokens.shape == (2, 4)  # stops once every row has ended
@@ -172,12 +177,12 @@ def test_min_new_tokens_and_padding_after_eos(tiny_model_dir, monkeypatch):
     first_row_ends = [True, False]
 
     def one_row_ends(*args):
-        logits = real_step(*args)
+        logits = real_logits(*args)
         logits[:, eos] = float("-inf")
         logits[torch.tensor(first_row_ends), eos] = 1e4
         return logits
 
-    monkeypatch.setattr(decode, "forward_step", one_row_ends)
+    monkeypatch.setattr(decode, "last_logits", one_row_ends)
     tokens = generate_tokens(model, ids, torch.ones_like(ids), 5, eos_ids=[eos], pad_id=0, min_new_tokens=2)
     assert tokens.shape == (2, 5)
     assert tokens[0].tolist()[2:] == [eos, 0, 0] and (tokens[1] != eos).all()
@@ -240,3 +245,25 @@ def test_non_finite_logits_are_an_error_not_a_token():
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(FloatingPointError):
         sample_next_token(logits)
+    finite = torch.ones((), dtype=torch.bool)  # or noted, for a caller that asks later
+    sample_next_token(torch.tensor([[0.0, 1.0]]), finite=finite)
+    assert bool(finite)
+    sample_next_token(logits, finite=finite)
+    assert not bool(finite)
+
+
+@pytest.mark.parametrize("fixed_shape", [False, True])
+def test_non_finite_logits_while_decoding_stop_the_rollout(tiny_model_dir, monkeypatch, fixed_shape):
+    monkeypatch.setattr(decode, "uses_fixed_shape_steps", lambda device: fixed_shape)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    real_logits, calls = decode.last_logits, []
+
+    def nan_on_the_third_token(*args):
+        calls.append(1)
+        logits = real_logits(*args)
+        return logits.fill_(float("nan")) if len(calls) == 3 else logits
+
+    monkeypatch.setattr(decode, "last_logits", nan_on_the_third_token)
+    ids = torch.tensor([[40, 41, 42], [43, 44, 45]])
+    with pytest.raises(FloatingPointError, match="non-finite"):  # no row may end before the NaN
+        generate_tokens(model, ids, torch.ones_like(ids), 12, eos_ids=[2], pad_id=0, min_new_tokens=12)
