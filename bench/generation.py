@@ -1,7 +1,7 @@
 """Benchmark: decode speed of krpo's own decoder and of HF `generate`, beside the arithmetic floor.
 
     python bench/generation.py [--batches 12,48] [--tokens 32] [--json bench/generation.json]
-    python bench/generation.py --model /tmp/qwen-0.4b-random --quantization nf4   # on a GPU
+    python bench/generation.py --model /tmp/qwen0.5b-random --quantization nf4   # on a GPU
 
 Model: the embedded SmolLM2-135M-Instruct (or `--model`) with a fresh LoRA adapter (r 16, all
 linear layers), as in training: float32 on a CPU, bfloat16 on CUDA, NF4 with `--quantization

@@ -1,17 +1,19 @@
 """Benchmark: one training step of `krpo train` against TRL's GRPOTrainer, same work.
 
     python bench/train_step.py [--rounds 2] [--steps 3] [--completion-tokens 128] [--json bench/train_step.json]
-    python bench/train_step.py --model /tmp/qwen-0.4b-random      # on a GPU (see bench/device/)
+    python bench/train_step.py --dtype bfloat16                   # both in bf16 (CPUs with native bf16)
+    python bench/train_step.py --model /tmp/qwen0.5b-random       # on a GPU (see bench/device/)
 
 Both train LoRA (r 16, α 32, all linear layers) on the same base model (default: the embedded
 SmolLM2-135M-Instruct) on the quickstart's questions, every completion forced to the same length
 (min = max new tokens), β = 0.01, one optimizer step per generation batch, and per-sequence loss
-aggregation (TRL: loss_type="grpo", scale_rewards="group"). On a CPU: float32 weights, 2 prompts
-× 8 completions per step. On CUDA: the NF4 base both frameworks load the same way (krpo's loader,
-bf16 compute), 8 prompts × 12 completions. Each framework runs in its own process (so its peak
-memory is its own: RSS on a CPU, allocated VRAM on CUDA), alternating for several rounds; the
-first step of every round is a warm-up and is dropped. Prints median seconds per step,
-completions/s and peak memory side by side, with ratios.
+aggregation (TRL: loss_type="grpo", scale_rewards="group"). On a CPU: float32 weights (or
+`--dtype bfloat16`, the model loaded in bf16 by both), 2 prompts × 8 completions per step. On
+CUDA: the NF4 base both frameworks load the same way (krpo's loader, bf16 compute), 8 prompts
+× 12 completions. Each framework runs in its own process (so its peak memory is its own: RSS on
+a CPU, allocated VRAM on CUDA), alternating for several rounds; the first step of every round
+is a warm-up and is dropped. Prints median seconds per step, completions/s and peak memory side
+by side, with ratios.
 
 krpo runs twice per round: with GRPO's advantage (what TRL computes; the comparison with TRL)
 and with the Kalman filter (KRPO), otherwise identical, to show the filter's cost per step;
@@ -40,11 +42,11 @@ KINDS = ["krpo", "krpo-kalman", "trl"]
 CUDA_KINDS = KINDS + ["krpo-decoder"]
 
 
-def device_settings(device: str) -> dict:
+def device_settings(device: str, cpu_dtype: str = "float32") -> dict:
     """dtype, quantization and default shape per device (the issue's CPU and GPU workloads)."""
     if device == "cuda":
         return {"dtype": "bfloat16", "quantization": "nf4", "prompts": 8, "group": 12}
-    return {"dtype": "float32", "quantization": "none", "prompts": 2, "group": 8}
+    return {"dtype": cpu_dtype, "quantization": "none", "prompts": 2, "group": 8}
 
 
 def peak_memory_mib(device: str) -> dict:
@@ -61,7 +63,7 @@ def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]
     from krpo_cli.config import Recipe
     from krpo_cli.train import train
 
-    settings = device_settings(args.device)
+    settings = device_settings(args.device, args.dtype)
     out = Path(tempfile.mkdtemp())
     recipe = Recipe.model_validate({
         "run": {"name": "bench", "output_dir": str(out), "seed": 42},
@@ -96,7 +98,7 @@ def run_trl(args) -> list[float]:
     from krpo_cli.rewards import grade_last_number
 
     quiet_libraries()
-    settings = device_settings(args.device)
+    settings = device_settings(args.device, args.dtype)
     path = resolve_model_path(args.model)
     rows = [
         {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {r['question']}?"}],
@@ -177,6 +179,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: 2 on CPU, 8 on CUDA)")
     parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: 8 on CPU, 12 on CUDA)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and compute on a CPU (CUDA: NF4 weights, bfloat16 compute)")
     parser.add_argument("--json", default="bench/train_step.json")
     parser.add_argument("--worker", choices=CUDA_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,7 +188,7 @@ def main() -> None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = device_settings(args.device)
+    settings = device_settings(args.device, args.dtype)
     args.prompts = args.prompts or settings["prompts"]
     args.group = args.group or settings["group"]
     if args.worker:
@@ -198,7 +202,8 @@ def main() -> None:
         for kind in kinds[shift:] + kinds[:shift]:  # rotate the order every round
             cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
                    "--completion-tokens", str(args.completion_tokens), "--model", args.model,
-                   "--device", args.device, "--prompts", str(args.prompts), "--group", str(args.group)]
+                   "--device", args.device, "--prompts", str(args.prompts), "--group", str(args.group),
+                   "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"the {kind} worker failed:\n{out.stderr[-4000:]}")
@@ -219,7 +224,8 @@ def main() -> None:
             summary[kind][f"peak_{key}"] = max(p[key] for p in r["peak"])
     k, t, kk = summary["krpo"], summary["trl"], summary["krpo-kalman"]
     memory_label = "peak VRAM (MiB)" if args.device == "cuda" else "peak RSS (MiB)"
-    print(f"\n{args.device}, {completions} completions × {args.completion_tokens} tokens per step")
+    print(f"\n{args.device} ({settings['dtype']}, {settings['quantization']} quantization), "
+          f"{completions} completions × {args.completion_tokens} tokens per step")
     print(f"{'':22}{'krpo':>10}{'TRL':>10}{'ratio':>10}")
     print(f"{'median s/step':22}{k['median_step_s']:>10.2f}{t['median_step_s']:>10.2f}{t['median_step_s'] / k['median_step_s']:>9.2f}×")
     print(f"{'completions/s':22}{k['completions_per_s']:>10.2f}{t['completions_per_s']:>10.2f}{k['completions_per_s'] / t['completions_per_s']:>9.2f}×")

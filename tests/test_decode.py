@@ -45,6 +45,26 @@ def test_greedy_decoding_equals_hf_generate(kind, pack, fixed_shape, monkeypatch
     assert torch.equal(ours, theirs)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a torch build with oneDNN")
+def test_packed_bfloat16_weights_give_the_models_logits(tiny_model_dir, monkeypatch):
+    """oneDNN-packed bf16 matrices (used where the CPU has native bf16): the model's logits up to bf16 rounding."""
+    monkeypatch.setattr(decode, "cpu_has_fast_bf16", lambda: True)  # packing runs (slowly) on any CPU
+    assert decode.can_pack(torch.device("cpu"), torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
+    ids, mask = left_padded_prompts()
+    weights = decode.DecoderWeights(model, rows_hint=3)
+    assert weights.layers[0]["qkv"].packed is not None
+    cache = decode.StaticCache(2, 3, 2, 8, 8, torch.bfloat16, torch.device("cpu"))
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    attend = (torch.ones(5, 5, dtype=torch.bool).tril() & mask.bool()[:, None, :]) | torch.eye(5, dtype=torch.bool)
+    ours = decode.forward_step(weights, cache, ids, positions, 0, attend[:, None])
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+    assert (ours - theirs).norm() <= 0.02 * theirs.norm()
+    monkeypatch.setattr(decode, "cpu_has_fast_bf16", lambda: False)
+    assert not decode.can_pack(torch.device("cpu"), torch.bfloat16)  # slow bf16 products: plain weights
+
+
 def test_decoder_logits_match_the_model_forward(tiny_model_dir, tmp_path):
     """With a LoRA adapter merged in: last-position logits equal the PEFT model's own forward."""
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", scale=0.3)
