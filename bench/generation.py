@@ -4,10 +4,10 @@
     python bench/generation.py --model /tmp/qwen0.5b-random --quantization nf4   # on a GPU
 
 Model: the embedded SmolLM2-135M-Instruct (or `--model`) with a fresh LoRA adapter (r 16, all
-linear layers), as in training: float32 on a CPU, bfloat16 on CUDA, NF4 with `--quantization
-nf4` (CUDA only). Every completion is forced to `--tokens` new tokens. For each batch size,
-each engine generates twice (the first is a warm-up); the figure is decode tokens per second
-of the second run, prefill included.
+linear layers), as in training: bfloat16 on CUDA and on CPUs with native bf16, float32 on
+other CPUs (or `--dtype`), NF4 with `--quantization nf4` (CUDA only). Every completion is
+forced to `--tokens` new tokens. For each batch size, each engine generates twice (the first
+is a warm-up); the figure is decode tokens per second of the second run, prefill included.
 
 The floor of one decode step is max(FLOPs / measured matmul rate, bytes / measured memory
 bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per step as stored
@@ -70,6 +70,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model name or directory")
     parser.add_argument("--quantization", choices=["none", "nf4"], default="none")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                        help="auto: bf16 on CUDA and on CPUs with native bf16, float32 elsewhere (as in training)")
     parser.add_argument("--json", default="bench/generation.json")
     args = parser.parse_args()
 
@@ -80,7 +82,7 @@ def main() -> None:
 
     recipe = Recipe.model_validate({
         "run": {"name": "bench", "output_dir": "/tmp"},
-        "model": {"name_or_path": args.model, "quantization": args.quantization},
+        "model": {"name_or_path": args.model, "quantization": args.quantization, "dtype": args.dtype},
         "lora": {"r": 16, "alpha": 32},
         "data": {"source": "digits", "system_prompt": "Answer with just the number.", "prompt_template": "What is {question}?"},
         "reward": {"grader": "last_number"},

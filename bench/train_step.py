@@ -224,7 +224,8 @@ def main() -> None:
             summary[kind][f"peak_{key}"] = max(p[key] for p in r["peak"])
     k, t, kk = summary["krpo"], summary["trl"], summary["krpo-kalman"]
     memory_label = "peak VRAM (MiB)" if args.device == "cuda" else "peak RSS (MiB)"
-    print(f"\n{args.device} ({settings['dtype']}, {settings['quantization']} quantization), "
+    weights = "NF4 weights" if settings["quantization"] == "nf4" else "unquantized"
+    print(f"\n{args.device} ({settings['dtype']}, {weights}), "
           f"{completions} completions × {args.completion_tokens} tokens per step")
     print(f"{'':22}{'krpo':>10}{'TRL':>10}{'ratio':>10}")
     print(f"{'median s/step':22}{k['median_step_s']:>10.2f}{t['median_step_s']:>10.2f}{t['median_step_s'] / k['median_step_s']:>9.2f}×")

@@ -70,13 +70,33 @@ def kalman_filter(
     The other arguments are krpo_advantages'.
     """
     _check_rewards(rewards)
-    index = reading_order(rewards, order, generator)
-    r = rewards.to(torch.float64).gather(1, index)
-    num_groups, group_size = r.shape
-    estimate = init_estimate.to(device=r.device, dtype=torch.float64).clone()
-    variance = init_variance.to(device=r.device, dtype=torch.float64).clone()
+    r = rewards  # in reading order
+    if order != "sampled":
+        index = reading_order(rewards, order, generator)
+        r = rewards.gather(1, index)
+    num_groups = r.shape[0]
+    estimate = init_estimate.to(device=r.device, dtype=torch.float64)
+    variance = init_variance.to(device=r.device, dtype=torch.float64)
     if estimate.shape != (num_groups,) or variance.shape != (num_groups,):
         raise ValueError(f"initial states must have shape ({num_groups},), one per group")
+    r = r.to(torch.float64)
+    if not adaptive and num_groups > 0 and bool((variance == variance[0]).all()):
+        advantages, estimate, variance = _filter_with_shared_gains(
+            r, estimate, float(variance[0]), process_noise, measurement_noise, eps
+        )
+    else:
+        advantages, estimate, variance = _filter_step_by_step(
+            r, estimate, variance, process_noise, measurement_noise, eps, adaptive
+        )
+    if order != "sampled":
+        advantages = torch.empty_like(advantages).scatter_(1, index, advantages)
+    return advantages.to(rewards.dtype), estimate, variance
+
+
+def _filter_step_by_step(r, estimate, variance, process_noise, measurement_noise, eps, adaptive):
+    """The filter reward by reward (vectorised across groups): rewards `r` (float64) in reading
+    order, each group from its own (x̂₀, P₀). Returns advantages in reading order, final x̂ and P."""
+    num_groups, group_size = r.shape
     noise = torch.full((num_groups,), float(measurement_noise), dtype=torch.float64, device=r.device)
     advantages = torch.empty_like(r)
     for i in range(group_size):
@@ -87,9 +107,42 @@ def kalman_filter(
         estimate = estimate + gain * (r[:, i] - estimate)
         variance = (1.0 - gain) * prior_variance
         advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
-    advantages = torch.empty_like(advantages).scatter_(1, index, advantages).to(rewards.dtype)
     return advantages, estimate, variance
 
+
+def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, measurement_noise, eps):
+    """The same filter when every group starts from one P₀ and R is fixed (krpo_advantages' case).
+
+    The gains K_i and variances P_i then do not depend on the rewards or the group, so each
+    estimate is an affine function of its group's rewards, x̂_i = a_i·x̂₀ + Σ_{j≤i} W_ji·r_j, with
+    a_i = Π_{m≤i}(1 − K_m) and W_ji = K_j·Π_{j<m≤i}(1 − K_m). Every group's advantages
+    (r_i − x̂_i)/√(P_i + ε) are then one (groups × G)·(G × G) product in float64: the
+    step-by-step filter's values up to float64 rounding. `r`: rewards in reading order.
+    """
+    group_size = r.shape[1]
+    weights = [[0.0] * group_size for _ in range(group_size)]  # W[j][i]
+    decay, scales, variance = [], [], init_variance
+    for i in range(group_size):
+        prior = variance + process_noise
+        gain = prior / (prior + measurement_noise)
+        variance = (1.0 - gain) * prior
+        for j in range(i):
+            weights[j][i] = (1.0 - gain) * weights[j][i - 1]
+        weights[i][i] = gain
+        decay.append((1.0 - gain) * (decay[-1] if decay else 1.0))  # a_i
+        scales.append(1.0 / (variance + eps) ** 0.5)
+    # advantages = r·M − x̂₀·c with M_ji = (δ_ji − W_ji)·s_i and c_i = a_i·s_i
+    to_advantages = torch.tensor([[((j == i) - weights[j][i]) * scales[i] for i in range(group_size)]
+                                  for j in range(group_size)], dtype=torch.float64, device=r.device)
+    from_start = torch.tensor([a * s for a, s in zip(decay, scales)], dtype=torch.float64, device=r.device)
+    last_weights = torch.tensor([row[-1] for row in weights], dtype=torch.float64, device=r.device)
+    if bool((estimate == estimate[0]).all()):  # one x̂₀ for all (krpo_advantages): a bias row, not a matrix
+        offset = from_start * -float(estimate[0])
+    else:
+        offset = estimate[:, None] * -from_start
+    advantages = torch.addmm(offset, r, to_advantages)
+    final_estimate = torch.addmv(estimate * decay[-1], r, last_weights)
+    return advantages, final_estimate, torch.full_like(estimate, variance)
 
 def krpo_advantages(
     rewards: torch.Tensor,
@@ -104,9 +157,10 @@ def krpo_advantages(
 ) -> torch.Tensor:
     """KRPO advantages: one Kalman filter per group, rewards read in sampled order.
 
-    Vectorised across groups; the Python loop runs over the G positions only.
-    Computed in float64 so that the tiny posterior variances stay accurate, then cast
-    back to the rewards' dtype.
+    Vectorised across groups: K and P are the same for every group here, so all groups'
+    advantages are one product with a G × G matrix (`_filter_with_shared_gains`). Computed
+    in float64 so that the tiny posterior variances stay accurate, then cast back to the
+    rewards' dtype.
 
     Options beyond the paper (off by default): `order` changes the order in which a
     group's rewards enter the filter (advantages are returned in sampled positions);

@@ -199,8 +199,8 @@ class StaticCache:
 
     def __init__(self, num_layers, batch, kv_heads, max_length, head_dim, dtype, device):
         shape = (num_layers, batch, kv_heads, max_length, head_dim)
-        # Zeros, not garbage: the fixed-shape step (`DecodeStep`) attends over every column,
-        # masked, and a masked NaN would still poison the weighted sum.
+        # Zeros, not garbage: the fixed-shape step (`DecodeStep`) also attends to columns not
+        # yet written, masked, and a masked NaN would still poison the weighted sum.
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -311,49 +311,56 @@ def uses_fixed_shape_steps(device: torch.device) -> bool:
 class DecodeStep:
     """One decoding step (a token per row) that runs the same kernels on the same buffers every time.
 
-    The new keys and values go to a cache column held in a tensor, and attention spans every
-    column of the cache, masked. On CUDA the step is then captured once per rollout as a CUDA
-    graph and replayed: a small model's step is hundreds of short kernels, and launching them
-    one by one from Python costs more than running them. Without CUDA, or where capture
-    fails, the same step runs eagerly.
+    The new keys and values go to a cache column held in a tensor, and attention spans the
+    cache's first `width` columns, masked, where `width` grows in steps of WIDTH_STEP columns (so
+    a long completion does not read the whole cache from its first token). On CUDA each width's
+    step is captured as a CUDA graph when decoding first reaches it and then replayed: a small
+    model's step is hundreds of short kernels, and launching them one by one from Python costs
+    more than running them. Without CUDA, or where capture fails, the same step runs eagerly.
     """
 
+    WIDTH_STEP = 256
+
     def __init__(self, weights: DecoderWeights, cache: StaticCache, batch: int, graph: bool):
-        device, total = cache.keys.device, cache.keys.shape[3]
-        self.weights, self.cache = weights, cache
+        device = cache.keys.device
+        self.weights, self.cache, self.total = weights, cache, cache.keys.shape[3]
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch, 1, 1, total, dtype=torch.bool, device=device)
-        self.mask[..., 0] = True
-        self.graph, self.logits = None, None
-        if graph:
-            self.capture()  # before the prefill: the warm-up writes cache column 0, which the prefill then fills
+        self.mask = torch.zeros(batch, 1, 1, self.total, dtype=torch.bool, device=device)
+        self.use_graph = graph
+        self.graph, self.graph_width, self.logits = None, 0, None
 
-    def run(self) -> torch.Tensor:
+    def run(self, width: int) -> torch.Tensor:
         def cached_attention(index, q, k, v, scale):
             keys, values = self.cache.keys[index], self.cache.values[index]
             keys.index_copy_(2, self.column, k)
             values.index_copy_(2, self.column, v)
-            return masked_attention(q, keys, values, self.mask, scale)
+            return masked_attention(q, keys[:, :, :width], values[:, :, :width], self.mask[..., :width], scale)
 
         hidden = transformer_hidden(self.weights, self.tokens, self.position, cached_attention)
         return last_logits(self.weights, hidden)
 
-    def capture(self) -> None:
+    def capture(self, width: int) -> None:
+        """Record this width's step as a CUDA graph (replacing the last width's).
+
+        The warm-up before the capture runs the step for real, on the inputs already in place;
+        the replay that follows computes the same step again, which writes the same keys.
+        """
+        self.graph, self.logits = None, None  # the previous width's graph is not needed again
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: lazy initialisation stays out of the graph
-                self.run()
+                self.run(width)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.logits = self.run()
-            self.graph = graph
-        except RuntimeError as err:  # an op that cannot be captured: decode eagerly instead
-            warnings.warn(f"krpo's decoder runs without a CUDA graph: capture failed ({str(err)[:200]})", stacklevel=2)
-            self.graph, self.logits = None, None
+                self.logits = self.run(width)
+            self.graph, self.graph_width = graph, width
+        except RuntimeError as err:  # an op that cannot be captured: decode eagerly from now on
+            warnings.warn(f"krpo's decoder runs without a CUDA graph: capture failed ({str(err)[:200]})", stacklevel=3)
+            self.use_graph, self.logits = False, None
 
     def __call__(self, tokens: torch.Tensor, position: torch.Tensor, column: int, key_valid: torch.Tensor):
         """Float32 logits (B, V) after feeding `tokens` (B,) at `position` (B, 1) and cache `column`.
@@ -365,8 +372,11 @@ class DecodeStep:
         self.position.copy_(position)
         self.column.fill_(column)
         self.mask.copy_(key_valid[:, None, None, :])
-        if self.graph is None:
-            return self.run()
+        width = min(self.total, -(-(column + 1) // self.WIDTH_STEP) * self.WIDTH_STEP)
+        if self.use_graph and self.graph_width != width:
+            self.capture(width)
+        if not self.use_graph:
+            return self.run(width)
         self.graph.replay()
         return self.logits
 

@@ -50,6 +50,23 @@ def test_krpo_equals_reward_by_reward_loop_on_random_rewards():
         assert got[row].tolist() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("group_size", [1, 2, 12])
+@pytest.mark.parametrize("starts", ["one", "per_group"])
+def test_the_shared_gain_product_equals_the_filter_step_by_step(group_size, starts):
+    """With one P₀ and a fixed R the filter is an affine map of the rewards: same advantages and end states."""
+    from krpo_cli.advantages import _filter_step_by_step, _filter_with_shared_gains
+
+    torch.manual_seed(1)
+    rewards = torch.rand(300, group_size, dtype=torch.float64)
+    estimate = torch.full((300,), 0.3, dtype=torch.float64) if starts == "one" else torch.randn(300, dtype=torch.float64)
+    shared = _filter_with_shared_gains(rewards, estimate, 0.7, 1e-3, 0.05, 1e-8)
+    stepwise = _filter_step_by_step(rewards, estimate, torch.full((300,), 0.7, dtype=torch.float64), 1e-3, 0.05, 1e-8,
+                                    adaptive=False)
+    for ours, theirs in zip(shared, stepwise):
+        assert torch.allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert shared[0].abs().max() > 0.1  # not a comparison of zeros
+
+
 def test_krpo_is_order_dependent_and_does_not_sum_to_zero():
     a = krpo_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
     b = krpo_advantages(torch.tensor([[0.0, 0.0, 0.0, 1.0]]))
