@@ -79,14 +79,13 @@ def kalman_filter(
     variance = init_variance.to(device=r.device, dtype=torch.float64)
     if estimate.shape != (num_groups,) or variance.shape != (num_groups,):
         raise ValueError(f"initial states must have shape ({num_groups},), one per group")
-    r = r.to(torch.float64)
     if not adaptive and num_groups > 0 and bool((variance == variance[0]).all()):
         advantages, estimate, variance = _filter_with_shared_gains(
-            r, estimate, float(variance[0]), process_noise, measurement_noise, eps
+            r, estimate, float(variance[0]), process_noise, measurement_noise, eps, rewards.dtype
         )
     else:
         advantages, estimate, variance = _filter_step_by_step(
-            r, estimate, variance, process_noise, measurement_noise, eps, adaptive
+            r.to(torch.float64), estimate, variance, process_noise, measurement_noise, eps, adaptive
         )
     if order != "sampled":
         advantages = torch.empty_like(advantages).scatter_(1, index, advantages)
@@ -110,14 +109,18 @@ def _filter_step_by_step(r, estimate, variance, process_noise, measurement_noise
     return advantages, estimate, variance
 
 
-def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, measurement_noise, eps):
+ROWS_PER_BLOCK = 4096
+
+
+def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, measurement_noise, eps, out_dtype):
     """The same filter when every group starts from one P₀ and R is fixed (krpo_advantages' case).
 
     The gains K_i and variances P_i then do not depend on the rewards or the group, so each
     estimate is an affine function of its group's rewards, x̂_i = a_i·x̂₀ + Σ_{j≤i} W_ji·r_j, with
     a_i = Π_{m≤i}(1 − K_m) and W_ji = K_j·Π_{j<m≤i}(1 − K_m). Every group's advantages
     (r_i − x̂_i)/√(P_i + ε) are then one (groups × G)·(G × G) product in float64: the
-    step-by-step filter's values up to float64 rounding. `r`: rewards in reading order.
+    step-by-step filter's values up to float64 rounding. `r`: rewards in reading order;
+    advantages come back in `out_dtype`, the final estimates and variances in float64.
     """
     group_size = r.shape[1]
     weights = [[0.0] * group_size for _ in range(group_size)]  # W[j][i]
@@ -136,12 +139,19 @@ def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, 
                                   for j in range(group_size)], dtype=torch.float64, device=r.device)
     from_start = torch.tensor([a * s for a, s in zip(decay, scales)], dtype=torch.float64, device=r.device)
     last_weights = torch.tensor([row[-1] for row in weights], dtype=torch.float64, device=r.device)
-    if bool((estimate == estimate[0]).all()):  # one x̂₀ for all (krpo_advantages): a bias row, not a matrix
-        offset = from_start * -float(estimate[0])
-    else:
-        offset = estimate[:, None] * -from_start
-    advantages = torch.addmm(offset, r, to_advantages)
-    final_estimate = torch.addmv(estimate * decay[-1], r, last_weights)
+    one_start = bool((estimate == estimate[0]).all())  # krpo_advantages: a bias row, not a matrix
+    advantages = torch.empty(r.shape, dtype=out_dtype, device=r.device)
+    final_estimate = estimate * decay[-1]
+    # Blocks of rows keep the float64 temporaries small enough to be reused by the allocator
+    # rather than fresh pages each call, whose faults cost more than the product itself
+    # (measured, 100k groups: 10 ms in one block, 2.6 ms in blocks of 4096; smaller blocks
+    # pay more per-op overhead than they save).
+    for start in range(0, r.shape[0], ROWS_PER_BLOCK):
+        rows = slice(start, start + ROWS_PER_BLOCK)
+        block = r[rows].to(torch.float64)
+        offset = from_start * -float(estimate[0]) if one_start else estimate[rows, None] * -from_start
+        advantages[rows] = torch.addmm(offset, block, to_advantages)
+        final_estimate[rows] += block @ last_weights
     return advantages, final_estimate, torch.full_like(estimate, variance)
 
 def krpo_advantages(

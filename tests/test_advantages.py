@@ -52,14 +52,16 @@ def test_krpo_equals_reward_by_reward_loop_on_random_rewards():
 
 @pytest.mark.parametrize("group_size", [1, 2, 12])
 @pytest.mark.parametrize("starts", ["one", "per_group"])
-def test_the_shared_gain_product_equals_the_filter_step_by_step(group_size, starts):
+def test_the_shared_gain_product_equals_the_filter_step_by_step(group_size, starts, monkeypatch):
     """With one P₀ and a fixed R the filter is an affine map of the rewards: same advantages and end states."""
+    from krpo_cli import advantages
     from krpo_cli.advantages import _filter_step_by_step, _filter_with_shared_gains
 
     torch.manual_seed(1)
+    monkeypatch.setattr(advantages, "ROWS_PER_BLOCK", 128)  # several blocks, the last one short
     rewards = torch.rand(300, group_size, dtype=torch.float64)
     estimate = torch.full((300,), 0.3, dtype=torch.float64) if starts == "one" else torch.randn(300, dtype=torch.float64)
-    shared = _filter_with_shared_gains(rewards, estimate, 0.7, 1e-3, 0.05, 1e-8)
+    shared = _filter_with_shared_gains(rewards, estimate, 0.7, 1e-3, 0.05, 1e-8, torch.float64)
     stepwise = _filter_step_by_step(rewards, estimate, torch.full((300,), 0.7, dtype=torch.float64), 1e-3, 0.05, 1e-8,
                                     adaptive=False)
     for ours, theirs in zip(shared, stepwise):
