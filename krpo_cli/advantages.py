@@ -139,7 +139,9 @@ def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, 
                                   for j in range(group_size)], dtype=torch.float64, device=r.device)
     from_start = torch.tensor([a * s for a, s in zip(decay, scales)], dtype=torch.float64, device=r.device)
     last_weights = torch.tensor([row[-1] for row in weights], dtype=torch.float64, device=r.device)
-    one_start = bool((estimate == estimate[0]).all())  # krpo_advantages: a bias row, not a matrix
+    shared_offset = None  # one x̂₀ for every group (krpo_advantages): a bias row, not a matrix
+    if bool((estimate == estimate[0]).all()):
+        shared_offset = from_start * -float(estimate[0])
     advantages = torch.empty(r.shape, dtype=out_dtype, device=r.device)
     final_estimate = estimate * decay[-1]
     # Blocks of rows keep the float64 temporaries small enough to be reused by the allocator
@@ -149,10 +151,11 @@ def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, 
     for start in range(0, r.shape[0], ROWS_PER_BLOCK):
         rows = slice(start, start + ROWS_PER_BLOCK)
         block = r[rows].to(torch.float64)
-        offset = from_start * -float(estimate[0]) if one_start else estimate[rows, None] * -from_start
+        offset = shared_offset if shared_offset is not None else estimate[rows, None] * -from_start
         advantages[rows] = torch.addmm(offset, block, to_advantages)
         final_estimate[rows] += block @ last_weights
     return advantages, final_estimate, torch.full_like(estimate, variance)
+
 
 def krpo_advantages(
     rewards: torch.Tensor,
