@@ -194,6 +194,10 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    recorded = {"model": args.model, "group": args.group, "prompts": args.prompts,
+                "completion_tokens": args.completion_tokens, "lora_r": RANK, "beta": BETA,
+                "dtype": settings["dtype"], "quantization": settings["quantization"], "device": args.device,
+                "rounds": args.rounds, "steps_per_round": args.steps}
     kinds = CUDA_KINDS if args.device == "cuda" else KINDS
     memory_key = "vram_mib" if args.device == "cuda" else "rss_mib"
     results = {kind: {"times": [], "peak": []} for kind in kinds}
@@ -213,6 +217,8 @@ def main() -> None:
             memory = ", ".join(f"{k.removesuffix('_mib')} {v:.0f} MiB" for k, v in record["peak"].items())
             print(f"round {round_ + 1}: {kind:12s} steps {[round(t, 2) for t in record['step_seconds']]} "
                   f"peak {memory}", flush=True)
+            # What has run so far, in case the run is cut short (the summary comes at the end).
+            Path(args.json).write_text(json.dumps({"settings": recorded, "raw": results}, indent=2))
 
     completions = args.group * args.prompts
     summary: dict = {}
@@ -244,11 +250,7 @@ def main() -> None:
           f"({kk['median_step_s'] / k['median_step_s'] - 1:+.1%}); the estimators alone: "
           f"{kalman_s * 1e6:.0f} µs vs {grpo_s * 1e6:.0f} µs per step "
           f"({(kalman_s - grpo_s) / k['median_step_s']:+.4%} of a step)")
-    settings = {"model": args.model, "group": args.group, "prompts": args.prompts,
-                "completion_tokens": args.completion_tokens, "lora_r": RANK, "beta": BETA,
-                "dtype": settings["dtype"], "quantization": settings["quantization"], "device": args.device,
-                "rounds": args.rounds, "steps_per_round": args.steps}
-    Path(args.json).write_text(json.dumps({"settings": settings, "summary": summary, "raw": results}, indent=2))
+    Path(args.json).write_text(json.dumps({"settings": recorded, "summary": summary, "raw": results}, indent=2))
     print(f"wrote {args.json}")
 
 

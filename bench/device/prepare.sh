@@ -33,4 +33,4 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(source / name, Path(".gpu/tokenizer") / name)
 PY
 du -sh .whl .gpu
-echo "carry [\".whl\", \".gpu\"] and run: bash bench/device/run.sh"
+echo "with the device tool: run(command=\"bash bench/device/run.sh\", carry=[\".whl\", \".gpu\"], timeout_s=540)"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of krpo in one run on the lent GPU machine (the device tool): the CUDA tests,
 # the generation sweep (bf16 and NF4) and the train_step comparison with TRL, on a random-weight
-# Qwen2.5-0.5B-shaped model. About 6 minutes on an H200, so that a rerun still fits in a
-# session's 15 minutes of device time. First, here: bash bench/device/prepare.sh; then
-#     run(command="bash bench/device/run.sh", carry=[".whl", ".gpu"], timeout_s=480)
+# Qwen2.5-0.5B-shaped model. At most 8 minutes on an H200 (the stages' limits; likely less),
+# so that a rerun of one stage still fits in a session's 15 minutes of device time.
+# First, here: bash bench/device/prepare.sh; then
+#     run(command="bash bench/device/run.sh", carry=[".whl", ".gpu"], timeout_s=540)
 # or name some stages: bash bench/device/run.sh tests generation train
 # Each stage has its own time limit, and a failed stage does not stop the next. Logs and JSON
-# go to $OUT (the device tool brings them back), and each log's tail is printed.
+# go to $OUT (the device tool brings them back), and each log's tail is printed; train_step
+# writes its JSON after every worker, so a stage cut short still leaves what it measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/krpo-device}
 STAGES=${*:-tests generation train}
@@ -48,7 +50,7 @@ for name in $STAGES; do
             stage generation-bf16 60 python3 bench/generation.py --model $MODEL --json "$OUT/generation_bf16.json"
             stage generation-nf4 60 python3 bench/generation.py --model $MODEL --quantization nf4 \
                 --json "$OUT/generation_nf4.json" ;;
-        train) stage train-step 170 python3 bench/train_step.py --model $MODEL --rounds 1 --steps 3 \
+        train) stage train-step 240 python3 bench/train_step.py --model $MODEL --rounds 1 --steps 3 \
                    --json "$OUT/train_step.json" ;;
         *) echo "unknown stage '$name' (tests, generation, train)" ;;
     esac
