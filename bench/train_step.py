@@ -7,7 +7,8 @@
 Both train LoRA (r 16, α 32, all linear layers) on the same base model (default: the embedded
 SmolLM2-135M-Instruct) on the quickstart's questions, every completion forced to the same length
 (min = max new tokens), β = 0.01, one optimizer step per generation batch, and per-sequence loss
-aggregation (TRL: loss_type="grpo", scale_rewards="group"). On a CPU: float32 weights (or
+aggregation (TRL: loss_type="grpo", scale_rewards="group"). TRL keeps its default gradient
+checkpointing (slower, lighter) unless `--trl-no-checkpointing`. On a CPU: float32 weights (or
 `--dtype bfloat16`, the model loaded in bf16 by both), 2 prompts × 8 completions per step. On
 CUDA: the NF4 base both frameworks load the same way (krpo's loader, bf16 compute), 8 prompts
 × 12 completions. Each framework runs in its own process (so its peak memory is its own: RSS on
@@ -130,6 +131,7 @@ def run_trl(args) -> list[float]:
         beta=BETA, loss_type="grpo", scale_rewards="group", learning_rate=LR, lr_scheduler_type="constant",
         max_steps=args.steps, logging_steps=1, report_to=[], use_cpu=args.device == "cpu",
         bf16=settings["dtype"] == "bfloat16", save_strategy="no", seed=42, dataloader_num_workers=0, disable_tqdm=True,
+        gradient_checkpointing=not args.trl_no_checkpointing,  # TRL's default is on; krpo's is off
     )
     # The same base model krpo trains: krpo's own loader (NF4 with double quantization on CUDA).
     dtype = getattr(torch, settings["dtype"])
@@ -181,6 +183,8 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: 8 on CPU, 12 on CUDA)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and compute on a CPU (CUDA: NF4 weights, bfloat16 compute)")
+    parser.add_argument("--trl-no-checkpointing", action="store_true",
+                        help="TRL without gradient checkpointing (its default recomputes activations in backward)")
     parser.add_argument("--json", default="bench/train_step.json")
     parser.add_argument("--worker", choices=CUDA_KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -197,7 +201,8 @@ def main() -> None:
     recorded = {"model": args.model, "group": args.group, "prompts": args.prompts,
                 "completion_tokens": args.completion_tokens, "lora_r": RANK, "beta": BETA,
                 "dtype": settings["dtype"], "quantization": settings["quantization"], "device": args.device,
-                "rounds": args.rounds, "steps_per_round": args.steps}
+                "rounds": args.rounds, "steps_per_round": args.steps,
+                "trl_gradient_checkpointing": not args.trl_no_checkpointing}
     kinds = CUDA_KINDS if args.device == "cuda" else KINDS
     memory_key = "vram_mib" if args.device == "cuda" else "rss_mib"
     results = {kind: {"times": [], "peak": []} for kind in kinds}
@@ -207,7 +212,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
                    "--completion-tokens", str(args.completion_tokens), "--model", args.model,
                    "--device", args.device, "--prompts", str(args.prompts), "--group", str(args.group),
-                   "--dtype", args.dtype]
+                   "--dtype", args.dtype] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"the {kind} worker failed:\n{out.stderr[-4000:]}")
