@@ -11,8 +11,9 @@ is a warm-up); the figure is decode tokens per second of the second run, prefill
 
 The floor of one decode step is max(FLOPs / measured matmul rate, bytes / measured memory
 bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per step as stored
-(half a byte per NF4 weight; the KV cache is small at these lengths). Both rates are measured
-here, on this device, in the compute dtype.
+(half a byte per NF4 weight, quantization constants left out; the KV cache is small at these
+lengths). Both rates are measured here, on this device, in the compute dtype. With NF4 weights
+krpo's decoder reads bf16 copies, so the bf16 run's floor is the one it can reach.
 """
 
 from __future__ import annotations
@@ -97,10 +98,13 @@ def main() -> None:
           f"memory {bandwidth / 1e9:.1f} GB/s; {params / 1e6:.0f}M parameters ({weight_bytes / 2**20:.0f} MiB)")
     print(f"{'batch':>6}{'floor tok/s':>13}{'krpo tok/s':>12}{'HF tok/s':>10}{'krpo/HF':>9}{'floor/krpo':>12}")
 
-    questions = [row["question"] for row in digit_problems()]
+    settings = {"model": args.model, "device": device.type, "dtype": str(dtype), "quantization": args.quantization,
+                "tokens": args.tokens, "matmul_flops": flops, "bandwidth_bytes_per_s": bandwidth,
+                "parameters": params, "weight_bytes": weight_bytes}
+    questions = [row["question"] for row in digit_problems()]  # 200: larger batches repeat them
     rows = []
     for batch in batches:
-        prompts = [build_prompt(tokenizer, recipe.data, q) for q in questions[:batch]]
+        prompts = [build_prompt(tokenizer, recipe.data, questions[i % len(questions)]) for i in range(batch)]
         floor_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
         floor = batch / floor_step
         result = {"batch": batch, "floor_tokens_per_s": floor}
@@ -117,11 +121,7 @@ def main() -> None:
         rows.append(result)
         print(f"{batch:>6}{floor:>13.0f}{result['krpo']:>12.0f}{result['transformers']:>10.0f}"
               f"{result['krpo'] / result['transformers']:>8.2f}×{floor / result['krpo']:>11.1f}×", flush=True)
-
-    settings = {"model": args.model, "device": device.type, "dtype": str(dtype), "quantization": args.quantization,
-                "tokens": args.tokens, "matmul_flops": flops, "bandwidth_bytes_per_s": bandwidth,
-                "parameters": params, "weight_bytes": weight_bytes}
-    Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=2))  # so far
     print(f"wrote {args.json}")
 
 

@@ -341,26 +341,42 @@ class DecodeStep:
         hidden = transformer_hidden(self.weights, self.tokens, self.position, cached_attention)
         return last_logits(self.weights, hidden)
 
+    def width_for(self, column: int) -> int:
+        """The attention width of the step that writes cache `column`."""
+        return min(self.total, -(-(column + 1) // self.WIDTH_STEP) * self.WIDTH_STEP)
+
+    def needs_capture(self, column: int) -> bool:
+        return self.use_graph and self.graph_width != self.width_for(column)
+
     def capture(self, width: int) -> None:
         """Record this width's step as a CUDA graph (replacing the last width's).
 
         The warm-up before the capture runs the step for real, on the inputs already in place;
         the replay that follows computes the same step again, which writes the same keys.
+        `capture_begin`/`capture_end` on a side stream rather than `torch.cuda.graph`, which
+        also synchronises and empties the allocator's cache at every capture (once per
+        rollout here); the stream context restores the current stream even if capture fails.
         """
         self.graph, self.logits = None, None  # the previous width's graph is not needed again
+        main = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(main)
+        graph = torch.cuda.CUDAGraph()
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: lazy initialisation stays out of the graph
-                self.run(width)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self.run(width)
+            with torch.cuda.stream(side):
+                self.run(width)  # warm-up: lazy initialisation stays out of the graph
+                graph.capture_begin()
+                try:
+                    self.logits = self.run(width)
+                finally:
+                    graph.capture_end()
             self.graph, self.graph_width = graph, width
         except RuntimeError as err:  # an op that cannot be captured: decode eagerly from now on
-            warnings.warn(f"krpo's decoder runs without a CUDA graph: capture failed ({str(err)[:200]})", stacklevel=3)
+            cause = err.__context__ or err  # capture_end's complaint hides what broke the capture
+            warnings.warn(f"krpo's decoder runs without a CUDA graph: capture failed ({str(cause)[:300]})",
+                          stacklevel=3)
             self.use_graph, self.logits = False, None
+        main.wait_stream(side)
 
     def __call__(self, tokens: torch.Tensor, position: torch.Tensor, column: int, key_valid: torch.Tensor):
         """Float32 logits (B, V) after feeding `tokens` (B,) at `position` (B, 1) and cache `column`.
@@ -372,8 +388,8 @@ class DecodeStep:
         self.position.copy_(position)
         self.column.fill_(column)
         self.mask.copy_(key_valid[:, None, None, :])
-        width = min(self.total, -(-(column + 1) // self.WIDTH_STEP) * self.WIDTH_STEP)
-        if self.use_graph and self.graph_width != width:
+        width = self.width_for(column)
+        if self.needs_capture(column):
             self.capture(width)
         if not self.use_graph:
             return self.run(width)
@@ -488,7 +504,7 @@ def generate_tokens(
     finite = torch.ones((), dtype=torch.bool, device=device) if check_every > 1 else None
     for step in range(max_new_tokens):
         if min_new_tokens and step < min_new_tokens:
-            logits[:, eos] = float("-inf")
+            logits.index_fill_(1, eos, float("-inf"))  # (assigning a Python float to an index waits for a GPU)
         next_token = sample_next_token(logits, temperature, top_k, top_p, greedy, finite=finite)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens[:, step] = next_token
@@ -504,6 +520,8 @@ def generate_tokens(
             if last:
                 return tokens
         column = prompt_length + step
+        if decode_step is not None and decode_step.needs_capture(column) and bool(finished.all()):
+            return tokens[:, : int(end_step.max()) + 1]  # done: no graph to capture for steps nobody needs
         key_valid[:, column] = True
         position = position + 1
         if decode_step is not None:

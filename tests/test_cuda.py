@@ -26,7 +26,6 @@ def needs_bitsandbytes():
 
 
 def tiny_config(kind: str):
-    # 64 wide: every matrix splits into bitsandbytes' 64-value quantization blocks.
     common = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=2, tie_word_embeddings=True)
     return LlamaConfig(**common) if kind == "llama" else Qwen2Config(**common, use_sliding_window=False)
@@ -45,6 +44,7 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 def nf4_policy(tmp_path):
     """krpo's own loader: an NF4 base (double quantization, bf16 compute) with a LoRA adapter that matters."""
     needs_bitsandbytes()
+    # 64 wide: every matrix row splits into bitsandbytes' 64-value quantization blocks.
     model_dir = build_tiny_model(tmp_path / "model", hidden_size=64)
     loaded = load_policy(ModelSettings(name_or_path=str(model_dir), quantization="nf4"), LoraSettings(r=4, alpha=8),
                          seed=0, device=CUDA)
@@ -56,10 +56,14 @@ def nf4_policy(tmp_path):
     return loaded
 
 
-@pytest.mark.filterwarnings("error:krpo's decoder runs without a CUDA graph")
+NO_GRAPH = "error:krpo's decoder runs without a CUDA graph"  # a failed capture fails the test
+
+
+@pytest.mark.filterwarnings(NO_GRAPH)
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_greedy_decoding_equals_hf_generate_on_cuda(kind):
-    """float32 on the GPU: the decoder, its steps replayed as a CUDA graph, picks `generate`'s tokens."""
+def test_greedy_decoding_equals_hf_generate_on_cuda(kind, monkeypatch):
+    """float32 on the GPU: the decoder, its steps replayed as CUDA graphs, picks `generate`'s tokens."""
+    monkeypatch.setattr(decode.DecodeStep, "WIDTH_STEP", 4)  # widths 8, 12, 16: three captures
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(kind)).to(CUDA).eval()
     for param in model.parameters():  # sharper distributions: no near-ties in argmax
@@ -154,9 +158,10 @@ def test_fused_output_layer_on_cuda_matches_log_softmax():
         assert relative_error(a, b) < 0.01
 
 
+@pytest.mark.filterwarnings(NO_GRAPH)
 @pytest.mark.parametrize("engine, optimizer", [("transformers", "adamw"), ("krpo", "paged_adamw_8bit")])
 def test_two_training_steps_on_an_nf4_base(tmp_path, engine, optimizer):
-    """The whole loop on the GPU: NF4 base, either decoder, the adapter moves, the saved adapter reloads."""
+    """The whole loop on the GPU: NF4 base, either decoder (krpo's with bf16 CUDA graphs), the adapter moves."""
     needs_bitsandbytes()
     from krpo_cli import train as train_module
     from krpo_cli.rewards import Grade

@@ -33,7 +33,7 @@ def test_greedy_decoding_equals_hf_generate(kind, pack, fixed_shape, monkeypatch
     """Packed weights (CPU), plain weights, and the fixed-shape steps a GPU replays as a CUDA graph."""
     monkeypatch.setattr(decode, "can_pack", lambda device, dtype: pack and torch.backends.mkldnn.is_available())
     monkeypatch.setattr(decode, "uses_fixed_shape_steps", lambda device: fixed_shape)
-    monkeypatch.setattr(decode.DecodeStep, "WIDTH_STEP", 4)  # attention's width grows 8, 12, 16, 17
+    monkeypatch.setattr(decode.DecodeStep, "WIDTH_STEP", 4)  # attention's width grows 8, 12, 16
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(kind)).eval()
     for param in model.parameters():  # larger weights: sharper distributions, no near-ties in argmax
