@@ -504,7 +504,7 @@ def generate_tokens(
     finite = torch.ones((), dtype=torch.bool, device=device) if check_every > 1 else None
     for step in range(max_new_tokens):
         if min_new_tokens and step < min_new_tokens:
-            logits.index_fill_(1, eos, float("-inf"))  # (assigning a Python float to an index waits for a GPU)
+            logits.index_fill_(1, eos, float("-inf"))  # `logits[:, eos] = …` can copy the value to the GPU, and wait
         next_token = sample_next_token(logits, temperature, top_k, top_p, greedy, finite=finite)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens[:, step] = next_token
