@@ -1,5 +1,7 @@
 """krpo's own decoder (krpo_cli.decode) against HF: same logits, same greedy text, same sampling rules."""
 
+import warnings
+
 import pytest
 import torch
 from peft import PeftModel
@@ -288,3 +290,64 @@ def test_non_finite_logits_while_decoding_stop_the_rollout(tiny_model_dir, monke
     ids = torch.tensor([[40, 41, 42], [43, 44, 45]])
     with pytest.raises(FloatingPointError, match="non-finite"):  # no row may end before the NaN
         generate_tokens(model, ids, torch.ones_like(ids), 12, eos_ids=[2], pad_id=0, min_new_tokens=12)
+
+
+class StandInGraph:
+    """Plays torch.cuda.CUDAGraph on a CPU: a replay re-runs the captured step into its output."""
+
+    def __init__(self, step, fail):
+        self.step, self.fail = step, fail
+
+    def capture_begin(self):
+        pass
+
+    def capture_end(self):
+        if self.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    def replay(self):
+        self.step.logits.copy_(self.step.run(self.step.graph_width))
+
+
+@pytest.mark.parametrize("capture_fails", [False, True])
+def test_decode_step_graph_bookkeeping_with_a_stand_in_for_cuda(monkeypatch, capture_fails):
+    """One capture per attention width, replays give the eager tokens, and a failed capture warns
+    and decodes eagerly (the CUDA graph calls themselves are replaced: no GPU here)."""
+    import contextlib
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    captures = []
+    real_capture = decode.DecodeStep.capture
+
+    def capture(step, width):
+        captures.append(width)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: StandInGraph(step, capture_fails))
+        real_capture(step, width)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(decode.DecodeStep, "capture", capture)
+    monkeypatch.setattr(decode.DecodeStep, "WIDTH_STEP", 4)
+    monkeypatch.setattr(decode, "uses_fixed_shape_steps", lambda device: True)
+    real_init = decode.DecodeStep.__init__
+    monkeypatch.setattr(decode.DecodeStep, "__init__", lambda self, w, c, b, graph: real_init(self, w, c, b, True))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).eval()
+    for param in model.parameters():
+        param.data.mul_(4.0)
+    ids, mask = left_padded_prompts()
+    theirs = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
+                            pad_token_id=0, eos_token_id=[2])[:, ids.shape[1]:]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = generate_tokens(model, ids, mask, 12, eos_ids=[2], pad_id=0, greedy=True)
+    assert torch.equal(ours, theirs)
+    notices = [str(w.message) for w in caught if "CUDA graph" in str(w.message)]
+    if capture_fails:
+        assert captures == [8] and len(notices) == 1 and "not permitted" in notices[0]
+    else:
+        assert captures == [8, 12, 16] and not notices  # columns 5–15 are decoded: widths 8, 12, 16
