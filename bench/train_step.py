@@ -60,14 +60,13 @@ def peak_memory_mib(device: str) -> dict:
     return peak
 
 
-def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]:
+def krpo_recipe(args, advantage: str, engine: str, output_dir: Path, name: str = "bench"):
+    """The recipe krpo runs in these benchmarks: args' model, device, shape and step count."""
     from krpo_cli.config import Recipe
-    from krpo_cli.train import train
 
     settings = device_settings(args.device, args.dtype)
-    out = Path(tempfile.mkdtemp())
-    recipe = Recipe.model_validate({
-        "run": {"name": "bench", "output_dir": str(out), "seed": 42},
+    return Recipe.model_validate({
+        "run": {"name": name, "output_dir": str(output_dir), "seed": 42},
         "model": {"name_or_path": args.model, "dtype": settings["dtype"], "quantization": settings["quantization"]},
         "lora": {"r": RANK, "alpha": 2 * RANK},
         "data": {"source": "digits", "system_prompt": SYSTEM, "prompt_template": "What is {question}?"},
@@ -79,9 +78,15 @@ def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]
                   "learning_rate": LR},
         "output": {"save_every": 10_000, "samples_per_step": 0},
     })
+
+
+def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]:
     import torch
     from rich.console import Console
 
+    from krpo_cli.train import train
+
+    recipe = krpo_recipe(args, advantage, engine, Path(tempfile.mkdtemp()))
     run_dir = train(recipe, console=Console(quiet=True), device=torch.device(args.device))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["step_seconds"] for line in lines]
