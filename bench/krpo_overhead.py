@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,8 +75,8 @@ class Paced:
         os.kill(self.process.pid, signal.SIGCONT)
         while self.lines() <= self.lines_seen:
             if self.process.poll() is not None:
-                raise RuntimeError(f"the {self.advantage} run exited ({self.process.returncode}); "
-                                   f"its output is in {self.log.name}")
+                tail = Path(self.log.name).read_text()[-3000:]
+                raise RuntimeError(f"the {self.advantage} run exited ({self.process.returncode}):\n{tail}")
             time.sleep(poll_s)
         line_seen = time.perf_counter()
         os.kill(self.process.pid, signal.SIGSTOP)
@@ -135,6 +136,8 @@ def main() -> None:
         for run in runs.values():
             if run.process.poll() is None:
                 run.process.kill()
+                run.process.wait()
+        shutil.rmtree(output_dir, ignore_errors=True)  # the two runs' checkpoints and logs
 
     ratios = [k / g for k, g in zip(times["krpo"], times["grpo"])]
     kalman_s = estimator_seconds("krpo", args.prompts, args.group)
