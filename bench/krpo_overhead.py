@@ -49,16 +49,14 @@ def worker(args) -> None:
 
 
 class Paced:
-    """A worker process that runs only while this script lets it, one step at a time."""
+    """A process that runs only while this script lets it, one step at a time.
 
-    def __init__(self, advantage: str, args, output_dir: Path):
-        self.advantage = advantage
-        self.metrics = output_dir / advantage / "metrics.jsonl"
-        self.log = (output_dir / f"{advantage}.log").open("w")
-        cmd = [sys.executable, __file__, "--worker", advantage, "--output-dir", str(output_dir),
-               "--steps", str(args.pairs + 1), "--completion-tokens", str(args.completion_tokens),
-               "--model", args.model, "--device", args.device, "--prompts", str(args.prompts),
-               "--group", str(args.group), "--dtype", args.dtype]
+    `cmd` runs the steps and appends one line to `progress` after each; its output goes to `log`.
+    """
+
+    def __init__(self, name: str, cmd: list[str], progress: Path, log: Path):
+        self.name, self.metrics = name, progress
+        self.log = log.open("w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.lines_seen = 0
         self.ran_after_last_line = 0.0  # seconds it ran between its last line and being paused
@@ -76,7 +74,7 @@ class Paced:
         while self.lines() <= self.lines_seen:
             if self.process.poll() is not None:
                 tail = Path(self.log.name).read_text()[-3000:]
-                raise RuntimeError(f"the {self.advantage} run exited ({self.process.returncode}):\n{tail}")
+                raise RuntimeError(f"the {self.name} run exited ({self.process.returncode}):\n{tail}")
             time.sleep(poll_s)
         line_seen = time.perf_counter()
         os.kill(self.process.pid, signal.SIGSTOP)
@@ -121,7 +119,12 @@ def main() -> None:
     times: dict[str, list[float]] = {a: [] for a in ADVANTAGES}
     try:
         for advantage in ADVANTAGES:  # one after the other: loading and the warm-up step are not measured
-            runs[advantage] = Paced(advantage, args, output_dir)
+            cmd = [sys.executable, __file__, "--worker", advantage, "--output-dir", str(output_dir),
+                   "--steps", str(args.pairs + 1), "--completion-tokens", str(args.completion_tokens),
+                   "--model", args.model, "--device", args.device, "--prompts", str(args.prompts),
+                   "--group", str(args.group), "--dtype", args.dtype]
+            runs[advantage] = Paced(advantage, cmd, output_dir / advantage / "metrics.jsonl",
+                                    output_dir / f"{advantage}.log")
             runs[advantage].run_one_step()
             print(f"{advantage}: loaded, warm-up step done", flush=True)
         for pair in range(args.pairs):
