@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_step import EMBEDDED, device_settings, estimator_seconds, krpo_recipe
+from train_step import add_workload_arguments, estimator_seconds, krpo_recipe, resolve_workload
 
 ADVANTAGES = ("krpo", "grpo")
 
@@ -93,24 +93,13 @@ class Paced:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=10, help="measured steps of each, one pair at a time")
-    parser.add_argument("--completion-tokens", type=int, default=128)
-    parser.add_argument("--model", default=EMBEDDED, help="model name or directory (default: the embedded model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts per step (default: 2 on CPU, 8 on CUDA)")
-    parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: 8 on CPU, 12 on CUDA)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_workload_arguments(parser)
     parser.add_argument("--json", default="bench/krpo_overhead.json")
     parser.add_argument("--worker", choices=ADVANTAGES, help=argparse.SUPPRESS)
     parser.add_argument("--output-dir", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    settings = device_settings(args.device, args.dtype)
-    args.prompts = args.prompts or settings["prompts"]
-    args.group = args.group or settings["group"]
+    settings = resolve_workload(args)
     if args.worker:
         return worker(args)
 

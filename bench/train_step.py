@@ -196,10 +196,8 @@ def estimator_seconds(advantage: str, prompts: int, group: int, calls: int = 200
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=3, help="steps per round and framework; the first is warm-up")
+def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, device and step shape, shared with bench/krpo_overhead.py."""
     parser.add_argument("--completion-tokens", type=int, default=128)
     parser.add_argument("--model", default=EMBEDDED, help="model name or directory (default: the embedded model)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -207,11 +205,10 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=None, help="completions per prompt (default: 8 on CPU, 12 on CUDA)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="weights and compute on a CPU (CUDA: NF4 weights, bfloat16 compute)")
-    parser.add_argument("--trl-no-checkpointing", action="store_true",
-                        help="TRL without gradient checkpointing (its default recomputes activations in backward)")
-    parser.add_argument("--json", default="bench/train_step.json")
-    parser.add_argument("--worker", choices=CUDA_KINDS, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+
+
+def resolve_workload(args) -> dict:
+    """Fills in the device and the per-device default shape; returns `device_settings`."""
     if args.device == "auto":
         import torch
 
@@ -219,6 +216,20 @@ def main() -> None:
     settings = device_settings(args.device, args.dtype)
     args.prompts = args.prompts or settings["prompts"]
     args.group = args.group or settings["group"]
+    return settings
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="steps per round and framework; the first is warm-up")
+    add_workload_arguments(parser)
+    parser.add_argument("--trl-no-checkpointing", action="store_true",
+                        help="TRL without gradient checkpointing (its default recomputes activations in backward)")
+    parser.add_argument("--json", default="bench/train_step.json")
+    parser.add_argument("--worker", choices=CUDA_KINDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    settings = resolve_workload(args)
     if args.worker:
         return worker(args)
 
