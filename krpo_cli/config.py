@@ -292,7 +292,7 @@ def _describe(error: dict) -> str:
     return f"{key}: {message} (found {error.get('input')!r})"
 
 
-def _validate(raw: Any, source: str) -> Recipe:
+def _validate(raw: Any, source: str, overrides: list[str] = ()) -> Recipe:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -300,7 +300,17 @@ def _validate(raw: Any, source: str) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError([_describe(e) for e in err.errors()], source) from None
+        raise RecipeError([_attribute(_describe(e), e, overrides) for e in err.errors()], source) from None
+
+
+def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
+    """`problem`, saying which command-line override set the key, when one did."""
+    key = ".".join(str(p) for p in error["loc"])
+    for item in overrides:
+        overridden = item.partition("=")[0]
+        if key == overridden or key.startswith(overridden + "."):
+            return f"{problem}, set on the command line by '{item}'"
+    return problem
 
 
 def resolve_recipe_path(name: str) -> Path:
@@ -311,8 +321,10 @@ def resolve_recipe_path(name: str) -> Path:
     shipped = RECIPES_DIR / f"{name.removesuffix('.yaml')}.yaml"
     if shipped.is_file() and not path.suffix:
         return shipped
-    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))) or "none"
-    raise RecipeError([f"no recipe file '{name}' (shipped recipes: {available})"], name)
+    shipped_names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(path.stem, shipped_names, n=1) if not path.suffix or path.suffix == ".yaml" else []
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise RecipeError([f"no recipe file '{name}' ({hint}shipped recipes: {', '.join(shipped_names) or 'none'})"], name)
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -352,6 +364,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's complaint as one line: where (line, column) and what."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
+
+
 def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, str]:
     """Load, override and validate a recipe. Returns the recipe and its text as written."""
     path = resolve_recipe_path(name)
@@ -362,12 +383,12 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, 
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise RecipeError([f"not valid YAML: {' '.join(str(err).split())}"], str(path)) from None
+        raise RecipeError([f"not valid YAML: {yaml_problem(err)}"], str(path)) from None
     if overrides:
         if raw is not None and not isinstance(raw, dict):
             return _validate(raw, str(path)), text
         raw = _merge(raw or {}, parse_overrides(overrides))
-    return _validate(raw, str(path)), text
+    return _validate(raw, str(path), overrides or []), text
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -202,11 +202,6 @@ def run_eval(
     rows, dataset_name = load_eval_rows(data, recipe.data, split)
     if limit is not None:
         rows = rows[:limit]
-    try:
-        target.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ModelError(f"cannot write the output directory '{target.output_dir}': {err.strerror or err}") from None
-
     quiet_libraries()
     device = device or pick_device()
     quantization = resolve_quantization(recipe.model.quantization, device)
@@ -217,6 +212,11 @@ def run_eval(
     if target.adapter is not None:
         model = load_adapter(model, target.adapter, target.model)
     model.eval()
+    # Made once the model has loaded (a mistyped model leaves no empty folder), before the long part.
+    try:
+        target.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ModelError(f"cannot write the output directory '{target.output_dir}': {err.strerror or err}") from None
     torch.manual_seed(recipe.run.seed)
 
     what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")

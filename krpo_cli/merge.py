@@ -16,6 +16,7 @@ weights (closer to the unquantized base, but not the function that was trained).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -124,6 +125,19 @@ def base_dtype(path: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
+def share_like_new_files(folder: Path) -> None:
+    """Gives every file in `folder` the permissions a new file gets (0644 under the usual umask).
+
+    transformers writes model.safetensors through a private temporary file (0600); an exported
+    model is meant to be copied, served and loaded by other users and tools.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def merge(
     source: Path,
     out: Path | None = None,
@@ -205,6 +219,7 @@ def merge(
         "seconds": round(time.perf_counter() - started, 2),
     }
     (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    share_like_new_files(staging)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

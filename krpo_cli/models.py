@@ -100,12 +100,29 @@ def resolve_model_path(name_or_path: str) -> str:
         key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
         return str(dequantized_copy(path.resolve(), cache_root() / "models" / "gguf" / key))
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"model directory '{path}' has no config.json")
-        return str(path)
-    if name_or_path.startswith((".", "/", "~")) or path.exists():
+        if (path / "config.json").is_file():
+            return str(path)
+        if (path / "adapter_config.json").is_file():
+            raise ModelError(
+                f"'{path}' is a LoRA adapter, not a model: give the run directory that holds it, "
+                f"or the base model with --adapter {path}"
+            )
+        raise ModelError(f"model directory '{path}' has no config.json")
+    if can_only_be_local(name_or_path) or path.exists():
         raise ModelError(f"model path '{path}' does not exist")
     return name_or_path  # a hub id
+
+
+def can_only_be_local(name: str) -> bool:
+    """True when `name` cannot be a hub id ("name" or "namespace/name"), so is a mistyped path.
+
+    Without this a typo such as `runs/quickstrat` is looked up on the hub, which offline retries
+    for most of a minute before failing with a message about the network.
+    """
+    parts = Path(name).parts
+    if name.startswith((".", "/", "~")) or len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).is_dir()  # `runs/…` where ./runs exists
 
 
 def pick_device() -> torch.device:
@@ -172,7 +189,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load the tokenizer of '{path}': {short(err)}") from None
+        local = "" if Path(path).exists() else f" (nor is there a local directory '{path}' in {Path.cwd()})"
+        raise ModelError(f"cannot load the tokenizer of '{path}': {short(err)}{local}") from None
     tokenizer.padding_side = "left"  # batched generation appends after the prompt
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

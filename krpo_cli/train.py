@@ -170,6 +170,8 @@ def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
         return path
     remove_partial_checkpoints(run_dir)
     found = list_checkpoints(run_dir)
+    if not found and not (run_dir.is_dir() and any(run_dir.iterdir())):
+        raise CheckpointError(f"no run to resume: '{run_dir}' does not hold one yet; run without --resume to start it")
     if not found:
         raise CheckpointError(f"no checkpoint to resume in '{run_dir}/{CHECKPOINTS}'; start over with --overwrite")
     return found[-1]
@@ -299,7 +301,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
-        f"[bold]krpo[/] {cfg.algorithm.advantage} · model {cfg.model.name_or_path} "
+        f"[bold]krpo train[/] · {cfg.algorithm.advantage.upper()} · model {cfg.model.name_or_path} "
         f"({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.device.type}) · "
         f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {len(rows):,} training rows · "
         f"run dir {run_dir}",

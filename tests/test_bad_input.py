@@ -42,7 +42,7 @@ def text_file(world, name, text):
 
 
 CASES = {
-    "malformed yaml": lambda w: (["validate", text_file(w, "m.yaml", "train: [1, 2\n")], "not valid YAML"),
+    "malformed yaml": lambda w: (["validate", text_file(w, "m.yaml", "train: [1, 2\n")], "not valid YAML: line 2, column 1: expected ',' or ']'"),
     "recipe is a list": lambda w: (["validate", text_file(w, "l.yaml", "- a\n- b\n")], "must be a mapping"),
     "unknown key": lambda w: (["validate", recipe_file(w, "u", train={"warp": 9})], "train.warp: unknown key"),
     "misspelled key": lambda w: (["validate", recipe_file(w, "s", train={"learning_rat": 1})], "did you mean 'train.learning_rate'"),
@@ -54,6 +54,9 @@ CASES = {
     "recipe file missing": lambda w: (["train", str(w["root"] / "nope.yaml")], "no recipe file"),
     "malformed override": lambda w: (["validate", "quickstart", "train.steps"], "key.path=value"),
     "unknown override": lambda w: (["validate", "quickstart", "train.stepz=3"], "did you mean 'train.steps'"),
+    "bad override value": lambda w: (["validate", "quickstart", "train.learning_rate=-1"], "set on the command line by 'train.learning_rate=-1'"),
+    "misspelled recipe name": lambda w: (["validate", "quickstrat"], "did you mean 'quickstart'"),
+    "brackets in what is quoted": lambda w: (["validate", "[bold]nope"], "no recipe file '[bold]nope'"),
     "unknown grader": lambda w: (["validate", "quickstart", "reward.grader=exactly"], "reward.grader"),
     "file source without path": lambda w: (["validate", "quickstart", "data.source=file"], "data.path is required"),
     "dataset file missing": lambda w: (["train", recipe_file(w, "d", data={"source": "file", "path": str(w["root"] / "none.jsonl")})], "does not exist"),
@@ -69,12 +72,13 @@ CASES = {
     "missing user grader": lambda w: (["train", recipe_file(w, "ug", reward={"grader": "nowhere_pkg.mod:grade"})], "nowhere_pkg.mod"),
     "run dir not empty": lambda w: (["train", str(w["run_recipe"])], "--overwrite"),
     "resume and overwrite": lambda w: (["train", str(w["run_recipe"]), "--resume", "--overwrite"], "contradict"),
-    "nothing to resume": lambda w: (["train", recipe_file(w, "nr"), "--resume"], "no checkpoint to resume"),
+    "nothing to resume": lambda w: (["train", recipe_file(w, "nr"), "--resume"], "no run to resume"),
     "incompatible checkpoint": lambda w: (["train", str(w["run_recipe"]), "--resume", "lora.r=8"], "different recipe"),
     "adapter for another base": lambda w: (["eval", str(w["other"]), "--adapter", str(w["root"] / "adapter"), "--limit", "1"], "does not fit"),
     "eval bad split": lambda w: (["eval", str(w["run_dir"]), "--data", "digits", "--split", "dev"], "unknown split"),
     "eval missing data": lambda w: (["eval", str(w["run_dir"]), "--data", str(w["root"] / "none.jsonl")], "does not exist"),
     "eval missing model": lambda w: (["eval", str(w["root"] / "no-such-model")], "does not exist"),
+    "eval an adapter directory": lambda w: (["eval", str(w["root"] / "adapter")], "is a LoRA adapter, not a model"),
     "merge a plain directory": lambda w: (["merge", str(w["root"] / "no-config")], "neither a run directory"),
     "merge bad dtype": lambda w: (["merge", str(w["run_dir"]), "--dtype", "int8"], "--dtype"),
     "merge over its input": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["run_dir"]), "--overwrite"], "would overwrite"),
@@ -97,3 +101,11 @@ def test_bad_input_exits_2_with_one_line(world, case):
 
 def test_corpus_is_large_enough():
     assert len(CASES) >= 25
+
+
+def test_failed_eval_leaves_no_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a model given by name writes under ./runs/eval/
+    (tmp_path / "runs").mkdir()
+    result = runner.invoke(app, ["eval", "runs/quickstrat"])  # a mistyped run: a path, not a hub id
+    assert result.exit_code == 2 and "model path 'runs/quickstrat' does not exist" in result.output, result.output
+    assert list((tmp_path / "runs").iterdir()) == []

@@ -27,6 +27,8 @@ def test_merge_round_trip_is_exact_and_standalone(tmp_path, tiny_model_dir, adap
     assert info["verification"]["max_abs_logit_diff_merged_fp32"] <= 1e-4
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert (out / "generation_config.json").is_file()
+    # Every exported file as readable as config.json (transformers writes the weights 0600).
+    assert {f.stat().st_mode & 0o777 for f in out.iterdir()} == {(out / "config.json").stat().st_mode & 0o777}
 
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()  # plain transformers
     assert not any("lora" in name for name, _ in merged.named_parameters())

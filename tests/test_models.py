@@ -35,6 +35,21 @@ def test_model_path_resolution(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
+def test_a_name_that_cannot_be_a_hub_id_is_a_missing_path(tmp_path, monkeypatch):
+    # A hub id is "name" or "namespace/name"; anything else is a local path that is not there,
+    # and is refused at once instead of being looked up on the hub.
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_path("runs/quickstart") == "runs/quickstart"  # no ./runs: may be a hub id
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/quickstrat", "a/b/c", "./model"):
+        with pytest.raises(ModelError, match=f"model path '{name.removeprefix('./')}' does not exist"):
+            resolve_model_path(name)
+    (tmp_path / "runs" / "adapter").mkdir()
+    (tmp_path / "runs" / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelError, match="is a LoRA adapter, not a model"):
+        resolve_model_path("runs/adapter")
+
+
 def test_lora_policy_trains_only_adapters_and_reference_is_the_base(tiny_model_dir):
     loaded = load_policy(ModelSettings(name_or_path=str(tiny_model_dir)), LoraSettings(r=4, alpha=8), seed=0, device=CPU)
     model = loaded.model

@@ -167,3 +167,15 @@ def test_a_key_added_to_krpo_after_the_run_started_does_not_block_resume(tmp_pat
     changed = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, generation={"engine": "transformers"}))
     with pytest.raises(CheckpointError, match="generation.engine"):
         train_module.check_resumable(tmp_path, changed)
+
+
+def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
+    from krpo_cli.checkpoint import CheckpointError
+
+    run_dir = tmp_path / "runs" / "new"
+    with pytest.raises(CheckpointError, match="no run to resume.*run without --resume"):
+        train_module.find_resume_checkpoint(run_dir, True)  # nothing there yet: just start it
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("")
+    with pytest.raises(CheckpointError, match="no checkpoint to resume.*--overwrite"):
+        train_module.find_resume_checkpoint(run_dir, True)  # a run that never saved one
