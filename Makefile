@@ -1,7 +1,7 @@
 # Set-up and everyday commands. `make quickstart` and `make test` install everything they need
 # into .venv first (once), so each works on a fresh clone with only Python 3 available.
 #
-# Torch is pinned (where pip finds a CPU build of 2.13.0 first, that one); choose the build with
+# Torch is pinned (a CPU build of 2.13.0 where an index pip uses offers one); choose the build with
 # TORCH_SPEC / TORCH_INDEX, e.g. for a GPU:
 #   make install TORCH_SPEC="torch==2.9.1" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 PYTHON ?= python3

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import statistics
@@ -32,32 +31,39 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_step import add_workload_arguments, estimator_seconds, krpo_recipe, resolve_workload
+from train_step import add_workload_arguments, estimator_seconds, resolve_workload, run_krpo, workload_argv
 
 ADVANTAGES = ("krpo", "grpo")
 
 
 def worker(args) -> None:
     """One `krpo train` run; the parent reads its progress from metrics.jsonl."""
-    import torch
-    from rich.console import Console
+    run_krpo(args, advantage=args.worker, output_dir=Path(args.output_dir), name=args.worker)
 
-    from krpo_cli.train import train
 
-    recipe = krpo_recipe(args, args.worker, "auto", Path(args.output_dir), name=args.worker)
-    train(recipe, console=Console(quiet=True), device=torch.device(args.device))
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the parent dies (even while stopped)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere the parent's `finally` is what cleans up
 
 
 class Paced:
     """A process that runs only while this script lets it, one step at a time.
 
     `cmd` runs the steps and appends one line to `progress` after each; its output goes to `log`.
+    It runs in a session of its own, so that a SIGCONT sent to the terminal's process group
+    (Ctrl-Z, then `fg`) does not wake it while it is meant to be paused.
     """
 
     def __init__(self, name: str, cmd: list[str], progress: Path, log: Path):
         self.name, self.metrics = name, progress
         self.log = log.open("w")
-        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=die_with_parent)
         self.lines_seen = 0
         self.ran_after_last_line = 0.0  # seconds it ran between its last line and being paused
 
@@ -67,17 +73,21 @@ class Paced:
         except FileNotFoundError:
             return 0
 
+    def failed(self, what: str) -> RuntimeError:
+        self.log.close()
+        tail = Path(self.log.name).read_text()[-3000:]
+        return RuntimeError(f"the {self.name} run {what} ({self.process.returncode}):\n{tail}")
+
     def run_one_step(self, poll_s: float = 0.002) -> float:
         """Let it run until its next metrics line, pause it; returns the step's running seconds."""
         resumed = time.perf_counter()
-        os.kill(self.process.pid, signal.SIGCONT)
+        self.process.send_signal(signal.SIGCONT)
         while self.lines() <= self.lines_seen:
-            if self.process.poll() is not None:
-                tail = Path(self.log.name).read_text()[-3000:]
-                raise RuntimeError(f"the {self.name} run exited ({self.process.returncode}):\n{tail}")
+            if self.process.poll() is not None and self.lines() <= self.lines_seen:  # a last line may have just come
+                raise self.failed("exited")
             time.sleep(poll_s)
         line_seen = time.perf_counter()
-        os.kill(self.process.pid, signal.SIGSTOP)
+        self.process.send_signal(signal.SIGSTOP)  # does nothing once it has exited
         paused = time.perf_counter()
         step = self.ran_after_last_line + (line_seen - resumed)
         self.ran_after_last_line = paused - line_seen
@@ -85,8 +95,10 @@ class Paced:
         return step
 
     def finish(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-        self.process.wait()
+        """Let it run to its end; a failure there is reported too."""
+        self.process.send_signal(signal.SIGCONT)
+        if self.process.wait() != 0:
+            raise self.failed("failed after its last step")
         self.log.close()
 
 
@@ -103,15 +115,16 @@ def main() -> None:
     if args.worker:
         return worker(args)
 
+    if not hasattr(signal, "SIGSTOP"):
+        parser.error("this benchmark pauses processes with POSIX signals (Linux, macOS)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the workers
     output_dir = Path(tempfile.mkdtemp())
     runs: dict[str, Paced] = {}
     times: dict[str, list[float]] = {a: [] for a in ADVANTAGES}
     try:
         for advantage in ADVANTAGES:  # one after the other: loading and the warm-up step are not measured
             cmd = [sys.executable, __file__, "--worker", advantage, "--output-dir", str(output_dir),
-                   "--steps", str(args.pairs + 1), "--completion-tokens", str(args.completion_tokens),
-                   "--model", args.model, "--device", args.device, "--prompts", str(args.prompts),
-                   "--group", str(args.group), "--dtype", args.dtype]
+                   "--steps", str(args.pairs + 1), *workload_argv(args)]
             runs[advantage] = Paced(advantage, cmd, output_dir / advantage / "metrics.jsonl",
                                     output_dir / f"{advantage}.log")
             runs[advantage].run_one_step()
@@ -124,6 +137,9 @@ def main() -> None:
             print(f"pair {pair + 1:2d} ({order[0]} first): krpo {k:6.2f} s, grpo {g:6.2f} s, ratio {k / g:.4f}", flush=True)
         for run in runs.values():
             run.finish()
+        # Each step's update phase, from the runs' own logs (the pauses fall outside it).
+        update_seconds = {a: [json.loads(line)["update_seconds"] for line in run.metrics.read_text().splitlines()]
+                          for a, run in runs.items()}
     finally:
         for run in runs.values():
             if run.process.poll() is None:
@@ -132,11 +148,14 @@ def main() -> None:
         shutil.rmtree(output_dir, ignore_errors=True)  # the two runs' checkpoints and logs
 
     ratios = [k / g for k, g in zip(times["krpo"], times["grpo"])]
+    # Standard error of a median of n draws: ~1.25 σ / √n.
+    median_error = 1.2533 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
     kalman_s = estimator_seconds("krpo", args.prompts, args.group)
     grpo_s = estimator_seconds("grpo", args.prompts, args.group)
     summary = {
         "median_step_s": {a: statistics.median(t) for a, t in times.items()},
         "median_pair_ratio": statistics.median(ratios),
+        "median_pair_ratio_standard_error": median_error,
         "pair_ratio_range": [min(ratios), max(ratios)],
         "estimator_seconds": {"krpo": kalman_s, "grpo": grpo_s},
     }
@@ -145,12 +164,13 @@ def main() -> None:
           f"{args.pairs} pairs")
     print(f"median s/step: KRPO {summary['median_step_s']['krpo']:.3f}, GRPO {summary['median_step_s']['grpo']:.3f}")
     print(f"KRPO / GRPO per pair: median {summary['median_pair_ratio']:.4f} "
-          f"({summary['median_pair_ratio'] - 1:+.2%}), range {min(ratios):.4f}-{max(ratios):.4f}")
+          f"({summary['median_pair_ratio'] - 1:+.2%} ± {median_error:.2%} s.e.), range {min(ratios):.4f}-{max(ratios):.4f}")
     print(f"the estimators alone: {kalman_s * 1e6:.0f} µs vs {grpo_s * 1e6:.0f} µs per step "
           f"({(kalman_s - grpo_s) / summary['median_step_s']['grpo']:+.5%} of a step)")
     recorded = {"model": args.model, "device": args.device, "dtype": settings["dtype"], "prompts": args.prompts,
                 "group": args.group, "completion_tokens": args.completion_tokens, "pairs": args.pairs}
-    Path(args.json).write_text(json.dumps({"settings": recorded, "summary": summary, "raw": times}, indent=2))
+    raw = {"step_seconds": times, "update_seconds_by_step": update_seconds}  # update: warm-up step first
+    Path(args.json).write_text(json.dumps({"settings": recorded, "summary": summary, "raw": raw}, indent=2))
     print(f"wrote {args.json}")
 
 

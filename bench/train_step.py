@@ -80,13 +80,15 @@ def krpo_recipe(args, advantage: str, engine: str, output_dir: Path, name: str =
     })
 
 
-def run_krpo(args, advantage: str = "grpo", engine: str = "auto") -> list[float]:
+def run_krpo(args, advantage: str = "grpo", engine: str = "auto", output_dir: Path | None = None,
+             name: str = "bench") -> list[float]:
+    """`krpo train` on the benchmark's recipe; its steps' seconds."""
     import torch
     from rich.console import Console
 
     from krpo_cli.train import train
 
-    recipe = krpo_recipe(args, advantage, engine, Path(tempfile.mkdtemp()))
+    recipe = krpo_recipe(args, advantage, engine, output_dir or Path(tempfile.mkdtemp()), name)
     run_dir = train(recipe, console=Console(quiet=True), device=torch.device(args.device))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line["step_seconds"] for line in lines]
@@ -207,6 +209,12 @@ def add_workload_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and compute on a CPU (CUDA: NF4 weights, bfloat16 compute)")
 
 
+def workload_argv(args) -> list[str]:
+    """`args`' workload as command-line options again, for a worker process."""
+    return ["--completion-tokens", str(args.completion_tokens), "--model", args.model, "--device", args.device,
+            "--prompts", str(args.prompts), "--group", str(args.group), "--dtype", args.dtype]
+
+
 def resolve_workload(args) -> dict:
     """Fills in the device and the per-device default shape; returns `device_settings`."""
     if args.device == "auto":
@@ -244,10 +252,8 @@ def main() -> None:
     for round_ in range(args.rounds):
         shift = round_ % len(kinds)
         for kind in [k for k in kinds[shift:] + kinds[:shift] if k not in failed]:  # rotate the order every round
-            cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps),
-                   "--completion-tokens", str(args.completion_tokens), "--model", args.model,
-                   "--device", args.device, "--prompts", str(args.prompts), "--group", str(args.group),
-                   "--dtype", args.dtype] + (["--trl-no-checkpointing"] if args.trl_no_checkpointing else [])
+            cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(args.steps), *workload_argv(args)]
+            cmd += ["--trl-no-checkpointing"] if args.trl_no_checkpointing else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:  # report it and go on: the other frameworks' figures still count
                 failed.add(kind)

@@ -110,7 +110,8 @@ def train(
             run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
         again = " ".join(["krpo train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
-        errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}", highlight=False)
+        errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}",
+                     highlight=False, markup=False)
         raise typer.Exit(130) from None
     except NumericalFailure as err:
         fail(str(err), code=1)
@@ -130,7 +131,7 @@ def validate(
         load_recipe(recipe, overrides or [])
     except user_errors() as err:
         report(err)
-    console.print(f"{recipe}: ok")
+    console.print(f"{recipe}: ok", markup=False)
 
 
 @app.command()
@@ -245,4 +246,4 @@ def data_arithmetic(
             write_jsonl(rows, f)
     except OSError as err:
         fail(f"cannot write '{out}': {err.strerror or err}")
-    errors.print(f"wrote {len(rows):,} rows to {out}", highlight=False)
+    errors.print(f"wrote {len(rows):,} rows to {out}", highlight=False, markup=False)

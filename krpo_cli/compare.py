@@ -313,5 +313,5 @@ def compare(
         result["aggregate"] = aggregated
     json_path = write_json(result, out.with_suffix(".json"))
     draw_comparison(runs, labels, accuracy, smoothing, out)
-    console.print(f"wrote {out} and {json_path}", highlight=False)
+    console.print(f"wrote {out} and {json_path}", highlight=False, markup=False)
     return result

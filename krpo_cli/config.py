@@ -306,9 +306,11 @@ def _validate(raw: Any, source: str, overrides: list[str] = ()) -> Recipe:
 def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
     """`problem`, saying which command-line override set the key, when one did."""
     key = ".".join(str(p) for p in error["loc"])
-    for item in overrides:
+    for item in reversed(overrides):  # of two overrides of one key the last is the one merged
         overridden = item.partition("=")[0]
         if key == overridden or key.startswith(overridden + "."):
+            return f"{problem}, set on the command line by '{item}'"
+        if error["type"] == "extra_forbidden" and overridden.startswith(key + "."):  # `trian.steps=3`
             return f"{problem}, set on the command line by '{item}'"
     return problem
 
@@ -369,7 +371,9 @@ def yaml_problem(err: yaml.YAMLError) -> str:
     mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
     if mark is None or problem is None:
         return " ".join(str(err).split())
-    context = getattr(err, "context", None)
+    context, start = getattr(err, "context", None), getattr(err, "context_mark", None)
+    if context and start is not None:
+        context += f" that starts at line {start.line + 1}, column {start.column + 1}"
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" + (f" ({context})" if context else "")
 
 

@@ -10,6 +10,7 @@ difficulty, num_terms, num_digits).
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -184,6 +186,15 @@ def breakdown(records: list[dict], columns: list[str]) -> dict:
     return result
 
 
+def check_writable(folder: Path) -> None:
+    """Refuses an output folder that cannot be made or written, without making it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ModelError(f"cannot write the output directory '{folder}': '{existing}' is not a writable directory")
+
+
 def run_eval(
     target: EvalTarget,
     data: str | None = None,
@@ -202,6 +213,7 @@ def run_eval(
     rows, dataset_name = load_eval_rows(data, recipe.data, split)
     if limit is not None:
         rows = rows[:limit]
+    check_writable(target.output_dir)  # before a model download, not after
     quiet_libraries()
     device = device or pick_device()
     quantization = resolve_quantization(recipe.model.quantization, device)
@@ -220,7 +232,7 @@ def run_eval(
     torch.manual_seed(recipe.run.seed)
 
     what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")
-    console.print(f"[bold]krpo eval[/] {what} · {dataset_name}: {len(rows):,} questions", highlight=False)
+    console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(dataset_name)}: {len(rows):,} questions", highlight=False)
     with Progress(
         TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
         disable=not console.is_terminal,
@@ -256,7 +268,7 @@ def run_eval(
         writer.write(record)
     writer.close()
     print_report(console, report, samples)
-    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False)
+    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False, markup=False)
     return report
 
 

@@ -16,13 +16,13 @@ weights (closer to the unquantized base, but not the function that was trained).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
@@ -125,17 +125,16 @@ def base_dtype(path: str) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def share_like_new_files(folder: Path) -> None:
-    """Gives every file in `folder` the permissions a new file gets (0644 under the usual umask).
+def share_like_new_files(folder: Path, like: Path) -> None:
+    """Gives every file in `folder` the permissions of `like`, a file written the ordinary way.
 
-    transformers writes model.safetensors through a private temporary file (0600); an exported
+    safetensors writes model.safetensors through a private temporary file (0600); an exported
     model is meant to be copied, served and loaded by other users and tools.
     """
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = like.stat().st_mode & 0o777
     for path in folder.iterdir():
         if path.is_file():
-            path.chmod(0o666 & ~umask)
+            path.chmod(mode)
 
 
 def merge(
@@ -168,7 +167,8 @@ def merge(
     trust = bool(recipe and recipe.model.trust_remote_code)
     tokenizer = load_tokenizer(path, trust)
     out_dtype = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
-    console.print(f"[bold]krpo merge[/] {adapter_dir} into {base_name} (float32, then {str(out_dtype)[6:]})", highlight=False)
+    console.print(f"[bold]krpo merge[/] {escape(str(adapter_dir))} into {escape(base_name)} (float32, then {str(out_dtype)[6:]})",
+                  highlight=False)
     base = load_base_model(path, "none", torch.float32, torch.device("cpu"), trust)
     if round_trip:
         compute = getattr(torch, run_info.get("dtype", "bfloat16"))
@@ -219,7 +219,7 @@ def merge(
         "seconds": round(time.perf_counter() - started, 2),
     }
     (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    share_like_new_files(staging)
+    share_like_new_files(staging, like=staging / "merge_info.json")
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
@@ -229,5 +229,5 @@ def merge(
             f"saved {info['output_dtype']} model = {diff_saved:.2e}",
             highlight=False,
         )
-    console.print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False)
+    console.print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False, markup=False)
     return info

@@ -13,6 +13,7 @@ so `nf4` on CPU is refused.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -65,7 +66,7 @@ def dequantized_copy(gguf_file: Path, target: Path) -> Path:
     quiet_libraries()
     from rich.console import Console
 
-    Console(stderr=True).print(f"preparing {gguf_file.name} once: dequantizing into {target}", highlight=False)
+    Console(stderr=True).print(f"preparing {gguf_file.name} once: dequantizing into {target}", highlight=False, markup=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
@@ -104,25 +105,32 @@ def resolve_model_path(name_or_path: str) -> str:
             return str(path)
         if (path / "adapter_config.json").is_file():
             raise ModelError(
-                f"'{path}' is a LoRA adapter, not a model: give the run directory that holds it, "
-                f"or the base model with --adapter {path}"
+                f"'{path}' is a LoRA adapter, not a model; its base model is '{adapter_base(path)}' "
+                "(krpo eval takes the run directory that holds an adapter, or its base model with --adapter)"
             )
         raise ModelError(f"model directory '{path}' has no config.json")
-    if can_only_be_local(name_or_path) or path.exists():
+    if path.is_file():
+        raise ModelError(f"model path '{path}' is a file; give the directory that holds the model")
+    parts = path.parts
+    if name_or_path.startswith((".", "/", "~")) or len(parts) > 2:  # a hub id is "name" or "namespace/name"
         raise ModelError(f"model path '{path}' does not exist")
+    if len(parts) == 2 and Path(parts[0]).is_dir():
+        # `runs/quickstrat` where ./runs exists is a mistyped path; looking it up on the hub
+        # would retry for most of a minute offline and then blame the network.
+        raise ModelError(
+            f"model path '{path}' does not exist (read as a path because ./{parts[0]} is a folder here; "
+            "for the hub model of that name, run from another directory)"
+        )
     return name_or_path  # a hub id
 
 
-def can_only_be_local(name: str) -> bool:
-    """True when `name` cannot be a hub id ("name" or "namespace/name"), so is a mistyped path.
-
-    Without this a typo such as `runs/quickstrat` is looked up on the hub, which offline retries
-    for most of a minute before failing with a message about the network.
-    """
-    parts = Path(name).parts
-    if name.startswith((".", "/", "~")) or len(parts) > 2:
-        return True
-    return len(parts) == 2 and Path(parts[0]).is_dir()  # `runs/…` where ./runs exists
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model an adapter directory names, as PEFT saved it."""
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        return str(config.get("base_model_name_or_path") or "not recorded")
+    except (OSError, ValueError, AttributeError):
+        return "not recorded"
 
 
 def pick_device() -> torch.device:

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 
 from krpo_cli.compare import Smoothing, compare
 from krpo_cli.config import Recipe, RecipeError, load_recipe
@@ -67,7 +68,7 @@ def train_seeds(
     # Refuse a used run directory before any seed trains, not after the first few.
     run_dirs = [check_run_dir(recipe, overwrite, resume) for recipe, _ in recipes]
     for index, ((recipe, text), run_dir) in enumerate(zip(recipes, run_dirs), start=1):
-        console.print(f"[bold]seed {recipe.run.seed}[/] ({index}/{len(seeds)}): {run_dir}", highlight=False)
+        console.print(f"[bold]seed {recipe.run.seed}[/] ({index}/{len(seeds)}): {escape(str(run_dir))}", highlight=False)
         continue_run = resume and run_dir.is_dir() and any(run_dir.iterdir())
         train(recipe, text, overwrite=overwrite, console=console, resume=continue_run)
     out = Path(base.run.output_dir) / f"{base.run.name}-seeds.png"

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import (
@@ -301,10 +302,10 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
-        f"[bold]krpo train[/] · {cfg.algorithm.advantage.upper()} · model {cfg.model.name_or_path} "
+        f"[bold]krpo train[/] · {cfg.algorithm.advantage.upper()} · model {escape(cfg.model.name_or_path)} "
         f"({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.device.type}) · "
         f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {len(rows):,} training rows · "
-        f"run dir {run_dir}",
+        f"run dir {escape(str(run_dir))}",
         highlight=False,
     )
 
@@ -331,7 +332,7 @@ def train(
         if dist.is_main:
             for name in ("metrics.jsonl", "samples.jsonl"):
                 truncate_jsonl(run_dir / name, state["step"])
-        console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False)
+        console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False, markup=False)
     dist.broadcast_parameters(trainable)
     reward_history = []
     if dist.is_main:
@@ -534,5 +535,6 @@ def train(
         f"done: {opt.steps} steps · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
         f"adapter saved to {run_dir / 'adapter'}",
         highlight=False,
+        markup=False,
     )
     return run_dir

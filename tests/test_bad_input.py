@@ -42,7 +42,9 @@ def text_file(world, name, text):
 
 
 CASES = {
-    "malformed yaml": lambda w: (["validate", text_file(w, "m.yaml", "train: [1, 2\n")], "not valid YAML: line 2, column 1: expected ',' or ']'"),
+    "malformed yaml": lambda w: (["validate", text_file(w, "m.yaml", "train: [1, 2\n")],
+                                 "not valid YAML: line 2, column 1: expected ',' or ']', but got '<stream end>' "
+                                 "(while parsing a flow sequence that starts at line 1, column 8)"),
     "recipe is a list": lambda w: (["validate", text_file(w, "l.yaml", "- a\n- b\n")], "must be a mapping"),
     "unknown key": lambda w: (["validate", recipe_file(w, "u", train={"warp": 9})], "train.warp: unknown key"),
     "misspelled key": lambda w: (["validate", recipe_file(w, "s", train={"learning_rat": 1})], "did you mean 'train.learning_rate'"),
@@ -55,6 +57,10 @@ CASES = {
     "malformed override": lambda w: (["validate", "quickstart", "train.steps"], "key.path=value"),
     "unknown override": lambda w: (["validate", "quickstart", "train.stepz=3"], "did you mean 'train.steps'"),
     "bad override value": lambda w: (["validate", "quickstart", "train.learning_rate=-1"], "set on the command line by 'train.learning_rate=-1'"),
+    "bad value of a key overridden twice": lambda w: (["validate", "quickstart", "train.learning_rate=1", "train.learning_rate=-1"],
+                                                      "set on the command line by 'train.learning_rate=-1'"),
+    "misspelled section in an override": lambda w: (["validate", "quickstart", "trian.steps=3"],
+                                                    "trian: unknown key (did you mean 'train'?), set on the command line by 'trian.steps=3'"),
     "misspelled recipe name": lambda w: (["validate", "quickstrat"], "did you mean 'quickstart'"),
     "brackets in what is quoted": lambda w: (["validate", "[bold]nope"], "no recipe file '[bold]nope'"),
     "unknown grader": lambda w: (["validate", "quickstart", "reward.grader=exactly"], "reward.grader"),
@@ -79,6 +85,8 @@ CASES = {
     "eval missing data": lambda w: (["eval", str(w["run_dir"]), "--data", str(w["root"] / "none.jsonl")], "does not exist"),
     "eval missing model": lambda w: (["eval", str(w["root"] / "no-such-model")], "does not exist"),
     "eval an adapter directory": lambda w: (["eval", str(w["root"] / "adapter")], "is a LoRA adapter, not a model"),
+    "eval output under a file": lambda w: (["eval", str(w["run_dir"]), "--output", str(w["root"] / "a_file" / "out")],
+                                           "cannot write the output directory"),
     "merge a plain directory": lambda w: (["merge", str(w["root"] / "no-config")], "neither a run directory"),
     "merge bad dtype": lambda w: (["merge", str(w["run_dir"]), "--dtype", "int8"], "--dtype"),
     "merge over its input": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["run_dir"]), "--overwrite"], "would overwrite"),

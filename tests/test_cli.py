@@ -97,3 +97,24 @@ def test_docs_recipe_reference_is_generated_from_the_models():
     for section, field in Recipe.model_fields.items():
         for key in field.annotation.model_fields:
             assert f"`{section}.{key}" in text
+
+
+def test_user_text_with_brackets_is_printed_as_written(tmp_path, tiny_model_dir, monkeypatch):
+    # Rich would read "[red]" as a style (and vanish it) and "[/INST]" as a closing tag (and crash).
+    runs = tmp_path / "runs[red]"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, runs))
+    result = runner.invoke(app, ["train", str(recipe), "train.steps=1"])
+    assert result.exit_code == 0, result.output
+    printed = "".join(result.output.split())  # Rich wraps long paths anywhere
+    assert f"rundir{runs / 'tiny'}" in printed and f"adaptersavedto{runs / 'tiny' / 'adapter'}" in printed
+
+    from krpo_cli import train as train_module
+
+    def interrupted(*args, **kwargs):
+        raise train_module.TrainingInterrupted(1, tmp_path / "checkpoint")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    template = "data.prompt_template=[INST] {question} [/INST]"
+    result = runner.invoke(app, ["train", str(recipe), template, "--overwrite"])
+    assert result.exit_code == 130, result.output
+    assert f"{template} --resume" in result.output
