@@ -11,8 +11,10 @@ this script pauses one (SIGSTOP) while the other runs exactly one step, then swa
 alternating from pair to pair (K G, G K, K G, ...) so that a steady drift cancels. A step's time
 is its process's running time between two consecutive lines of its metrics.jsonl, measured here
 with the paused time left out. Each process's first step is a warm-up, run before the pairs
-start. Prints the median step time of each and the median and range of the per-pair ratios,
-and times the two estimators alone on one step's rewards.
+start. Prints the median step time of each, the median (± standard error) and range of the
+per-pair ratios, the same ratio for the update phase alone as a control (it runs the same
+code in both, so it shows how far two processes differ on identical work), and times the two
+estimators alone on one step's rewards.
 
 POSIX only (it pauses processes with signals). On CUDA a step's last kernels may still be
 running when its metrics line is written; the figures are meant for a CPU.
@@ -148,6 +150,9 @@ def main() -> None:
         shutil.rmtree(output_dir, ignore_errors=True)  # the two runs' checkpoints and logs
 
     ratios = [k / g for k, g in zip(times["krpo"], times["grpo"])]
+    # A control inside the run: the update phase runs the same code in both (the estimator runs
+    # before it), so its ratio shows how far two processes differ on identical work.
+    update_ratios = [k / g for k, g in zip(update_seconds["krpo"][1:], update_seconds["grpo"][1:])]
     # Standard error of a median of n draws: ~1.25 σ / √n.
     median_error = 1.2533 * statistics.stdev(ratios) / len(ratios) ** 0.5 if len(ratios) > 1 else float("nan")
     kalman_s = estimator_seconds("krpo", args.prompts, args.group)
@@ -157,6 +162,7 @@ def main() -> None:
         "median_pair_ratio": statistics.median(ratios),
         "median_pair_ratio_standard_error": median_error,
         "pair_ratio_range": [min(ratios), max(ratios)],
+        "median_pair_ratio_update_phase": statistics.median(update_ratios),
         "estimator_seconds": {"krpo": kalman_s, "grpo": grpo_s},
     }
     completions = args.prompts * args.group
@@ -165,6 +171,8 @@ def main() -> None:
     print(f"median s/step: KRPO {summary['median_step_s']['krpo']:.3f}, GRPO {summary['median_step_s']['grpo']:.3f}")
     print(f"KRPO / GRPO per pair: median {summary['median_pair_ratio']:.4f} "
           f"({summary['median_pair_ratio'] - 1:+.2%} ± {median_error:.2%} s.e.), range {min(ratios):.4f}-{max(ratios):.4f}")
+    print(f"control, the update phase (the same code in both): KRPO / GRPO per pair, median "
+          f"{statistics.median(update_ratios):.4f} ({statistics.median(update_ratios) - 1:+.2%})")
     print(f"the estimators alone: {kalman_s * 1e6:.0f} µs vs {grpo_s * 1e6:.0f} µs per step "
           f"({(kalman_s - grpo_s) / summary['median_step_s']['grpo']:+.5%} of a step)")
     recorded = {"model": args.model, "device": args.device, "dtype": settings["dtype"], "prompts": args.prompts,
