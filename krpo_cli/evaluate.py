@@ -26,7 +26,7 @@ from rich.table import Table
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_eval_rows
 from krpo_cli.logging import JsonlWriter
-from krpo_cli.models import ModelError, load_base_model, load_tokenizer, pick_device, quiet_libraries
+from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
 from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
 from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import generate_rollout
@@ -79,12 +79,11 @@ def load_adapter(base, adapter_dir: Path, base_name: str):
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
     except (RuntimeError, ValueError, KeyError) as err:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        trained_on = config.get("base_model_name_or_path") or "an unknown base"
+        trained_on = adapter_base(adapter_dir)
         arch = ",".join(getattr(base.config, "architectures", None) or [type(base).__name__])
         detail = " ".join(str(err).split())[:200]
         raise ModelError(
-            f"the adapter '{adapter_dir}' (made for {trained_on}) does not fit the base '{base_name}' "
+            f"the adapter '{adapter_dir}' (made for base '{trained_on}') does not fit the base '{base_name}' "
             f"({arch}, hidden size {getattr(base.config, 'hidden_size', '?')}): {detail}"
         ) from None
 
