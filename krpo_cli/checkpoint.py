@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krpo_cli.models import save_adapter
+
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 
@@ -79,7 +81,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     staging = root / f".tmp-step_{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    model.save_pretrained(staging / "adapter")
+    save_adapter(model, staging / "adapter")
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
         staging / "trainer_state.pt",

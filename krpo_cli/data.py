@@ -8,15 +8,12 @@ with the model's chat template.
 from __future__ import annotations
 
 import codecs
-import os
 import random
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
 from krpo_cli.config import DataSettings
-from krpo_cli.models import short
+from krpo_cli.models import hub_reachable, short
 from krpo_cli.rewards import extract_boxed, extract_gsm8k_answer, reference_from_solution
 
 
@@ -63,20 +60,6 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check of the hub endpoint: the datasets library would retry for ~20 s."""
-    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _load_table(settings: DataSettings, split_name: str):
     """One split of a local file or hub dataset as a `datasets.Dataset` (None if the split does not exist)."""
     if settings.source == "file":
@@ -100,9 +83,7 @@ def _load_table(settings: DataSettings, split_name: str):
         except Exception as err:  # the datasets library raises many types for a malformed file
             raise DataError(f"cannot read '{path}' as {builder}: {short(_root_cause(err))}") from None
 
-    reachable = _hub_reachable()
-    if not reachable:  # use the local cache only, and fail at once if it is not there
-        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    reachable = hub_reachable()  # if not, the local cache only, failing at once when it is not there
     import datasets
 
     datasets.disable_progress_bars()

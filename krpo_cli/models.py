@@ -16,8 +16,11 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -121,7 +124,54 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model path '{path}' does not exist (read as a path because ./{parts[0]} is a folder here; "
             "for the hub model of that name, run from another directory)"
         )
+    if not hub_reachable() and not _in_hub_cache(name_or_path):
+        from huggingface_hub import constants
+
+        raise ModelError(
+            f"cannot reach the hub to download '{name_or_path}', and it is not in the local cache "
+            f"({constants.HF_HUB_CACHE}); download it on a machine with network, or give a local directory"
+        )
     return name_or_path  # a hub id
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub answers; if it does not, the HF libraries are switched to their local caches.
+
+    Without network, huggingface_hub retries every request five times with back-off, so a
+    model that is already cached loads after ~50 s of retries and a screen of warnings; one
+    TCP connection tells the same at once. A configured proxy is what gets probed.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)), "")
+    target = urlparse(proxy if "://" in proxy else f"http://{proxy}") if proxy else endpoint
+    default_port = 443 if target.scheme == "https" else 80
+    try:
+        socket.create_connection((target.hostname, target.port or default_port), timeout).close()
+        return True
+    except (OSError, ValueError):
+        pass
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # for libraries imported later
+    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at each request
+    if "datasets.config" in sys.modules:  # datasets copies the flag when imported
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+    from rich.console import Console
+
+    Console(stderr=True).print(
+        f"cannot reach {target.hostname}{' (proxy)' if proxy else ''}: using the local Hugging Face cache only",
+        highlight=False,
+        markup=False,
+    )
+    return False
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
 def adapter_base(adapter_dir: Path) -> str:
@@ -203,6 +253,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_adapter(model, directory: Path) -> None:
+    """The LoRA adapter as PEFT saves it (adapter_config.json + safetensors).
+
+    krpo never resizes or trains the base's embeddings, so they are not saved; PEFT's default
+    ("auto") would ask the hub on every save whether the base vocabulary changed, and warn offline.
+    """
+    model.save_pretrained(directory, save_embedding_layers=False)
 
 
 @dataclass

@@ -46,7 +46,7 @@ from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
 from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends
 from krpo_cli.losses import policy_loss
-from krpo_cli.models import load_policy
+from krpo_cli.models import load_policy, save_adapter
 from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import completion_log_probs, generate_rollout, pick_engine
 
@@ -524,7 +524,7 @@ def train(
     if dist.is_main:
         metrics_log.close()
         samples_log.close()
-        model.save_pretrained(run_dir / "adapter")
+        save_adapter(model, run_dir / "adapter")
     dist.close()  # a barrier: when any rank returns, the adapter is written
     if not dist.is_main:
         return run_dir

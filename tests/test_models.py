@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -25,7 +27,54 @@ def test_dtype_auto_on_cpu_follows_native_bf16(monkeypatch):
     assert resolve_dtype("float16", CPU) == torch.float16
 
 
-def test_model_path_resolution(tmp_path):
+def cache_hub_model(hub_cache, repo_id: str) -> None:
+    """Lay `repo_id` out in a huggingface_hub cache as a download would (refs/main → snapshot)."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    (repo / "snapshots" / "0123abc").mkdir(parents=True)
+    (repo / "snapshots" / "0123abc" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """As if HF_HUB_OFFLINE were unset; returns the addresses probed (set `refuse` to fail them)."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(name, "0")
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    probes = {"addresses": [], "refuse": False}
+
+    class Connection:
+        def close(self):
+            pass
+
+    def create_connection(address, timeout):
+        probes["addresses"].append(address)
+        if probes["refuse"]:
+            raise OSError("Name or service not known")
+        return Connection()
+
+    monkeypatch.setattr(models.socket, "create_connection", create_connection)
+    return probes
+
+
+def test_model_path_resolution(tmp_path, hub_cache):
+    cache_hub_model(hub_cache, "Qwen/Qwen2.5-0.5B-Instruct")
     assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
     with pytest.raises(ModelError, match="does not exist"):
         resolve_model_path(str(tmp_path / "missing"))
@@ -35,10 +84,11 @@ def test_model_path_resolution(tmp_path):
         resolve_model_path(str(tmp_path))
 
 
-def test_a_name_that_cannot_be_a_hub_id_is_a_missing_path(tmp_path, monkeypatch):
+def test_a_name_that_cannot_be_a_hub_id_is_a_missing_path(tmp_path, monkeypatch, hub_cache):
     # A hub id is "name" or "namespace/name"; anything else is a local path that is not there,
     # and is refused at once instead of being looked up on the hub.
     monkeypatch.chdir(tmp_path)
+    cache_hub_model(hub_cache, "runs/quickstart")
     assert resolve_model_path("runs/quickstart") == "runs/quickstart"  # no ./runs: may be a hub id
     (tmp_path / "runs").mkdir()
     for name in ("runs/quickstrat", "a/b/c", "./model"):
@@ -48,6 +98,68 @@ def test_a_name_that_cannot_be_a_hub_id_is_a_missing_path(tmp_path, monkeypatch)
     (tmp_path / "runs" / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(ModelError, match="is a LoRA adapter, not a model"):
         resolve_model_path("runs/adapter")
+
+
+def test_an_unreachable_hub_means_the_local_cache_alone(hub_online, hub_cache, capsys):
+    import datasets.config
+    from huggingface_hub import constants
+
+    cache_hub_model(hub_cache, "org/cached")
+    hub_online["refuse"] = True
+    assert resolve_model_path("org/cached") == "org/cached"
+    assert hub_online["addresses"] == [("huggingface.co", 443)]
+    # huggingface_hub and transformers read the module flag at each request; datasets keeps its own copy
+    assert constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    assert "cannot reach huggingface.co: using the local Hugging Face cache only" in capsys.readouterr().err
+    with pytest.raises(ModelError, match=r"cannot reach the hub to download 'org/missing', and it is not in the local cache"):
+        resolve_model_path("org/missing")
+    assert len(hub_online["addresses"]) == 1  # offline from then on: no second probe
+
+
+def test_a_reachable_hub_is_left_to_the_libraries(hub_online, hub_cache, monkeypatch):
+    from huggingface_hub import constants
+
+    assert resolve_model_path("org/not-cached-yet") == "org/not-cached-yet"  # downloaded when loaded
+    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.example:8080")
+    assert models.hub_reachable()
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.example:3128")
+    assert models.hub_reachable()
+    assert hub_online["addresses"] == [("huggingface.co", 443), ("mirror.example", 8080), ("proxy.example", 3128)]
+    assert not constants.HF_HUB_OFFLINE
+
+
+def test_offline_mode_set_by_the_user_probes_nothing(hub_online, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert not models.hub_reachable()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert not models.hub_reachable()
+    assert hub_online["addresses"] == []
+
+
+def test_saving_an_adapter_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    import warnings
+
+    import peft.utils.save_and_load
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(peft.utils.save_and_load, "check_file_exists_on_hf_hub", no_hub)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    model.peft_config["default"].base_model_name_or_path = "org/base-on-the-hub"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        models.save_adapter(model, tmp_path / "adapter")
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_config.json" in saved and "adapter_model.safetensors" in saved
 
 
 def test_lora_policy_trains_only_adapters_and_reference_is_the_base(tiny_model_dir):
