@@ -66,6 +66,14 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
 
 
+def checkpoint_step(path: Path) -> int:
+    """The number of steps done when the checkpoint was written (its step.json)."""
+    try:
+        return int(json.loads((path / "step.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"checkpoint '{path}' has no readable step.json; resume from another one with --resume-from PATH") from None
+
+
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Temporary directories left by a process killed while writing a checkpoint."""
     root = run_dir / CHECKPOINTS
@@ -105,7 +113,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
         state = torch.load(path / "trainer_state.pt", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); resume from an older one with --resume PATH") from None
+        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); resume from an older one with --resume-from PATH") from None
     result = set_peft_model_state_dict(model, weights)
     if getattr(result, "unexpected_keys", None):
         raise CheckpointError(f"checkpoint '{path}' does not fit this model (unexpected weights, e.g. {result.unexpected_keys[0]})")

@@ -23,7 +23,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-data_app = typer.Typer(help="Write the built-in datasets as JSONL.", no_args_is_help=True)
+data_app = typer.Typer(help="Write a built-in dataset as JSONL: arithmetic (the paper's set).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
 console = Console()
@@ -100,6 +100,8 @@ def train(
 
     if seeds is not None and resume_from is not None:
         fail("--resume-from names one checkpoint; with --seeds use --resume")
+    again = " ".join(["krpo train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
+    loaded = None
     try:
         if seeds is not None:
             from krpo_cli.seeds import train_seeds
@@ -109,9 +111,19 @@ def train(
             loaded, text = load_recipe(recipe, overrides or [])
             run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
-        again = " ".join(["krpo train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
         errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}",
                      highlight=False, markup=False)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl+C, or one before the first step
+        from krpo_cli.checkpoint import list_checkpoints
+
+        if seeds is not None:
+            outcome = f"the seeds' runs that wrote a checkpoint resume with: {again}"
+        elif loaded is not None and list_checkpoints(Path(loaded.run.output_dir) / loaded.run.name):
+            outcome = f"the last checkpoint resumes with: {again}"
+        else:
+            outcome = "no checkpoint was written"
+        errors.print(f"aborted; {outcome}", highlight=False, markup=False)
         raise typer.Exit(130) from None
     except NumericalFailure as err:
         fail(str(err), code=1)
@@ -158,19 +170,38 @@ def recipes(
 def eval_command(
     target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id, directory, .gguf, embedded name).")],
     adapter: Annotated[Optional[str], typer.Option(help="A PEFT adapter directory to apply to the model.")] = None,
-    no_adapter: Annotated[bool, typer.Option("--no-adapter", help="Evaluate a run's base model alone (the baseline).")] = False,
-    recipe: Annotated[Optional[str], typer.Option(help="Recipe for prompt, grader and data (default: the run's).")] = None,
+    no_adapter: Annotated[
+        bool, typer.Option("--no-adapter", help="Evaluate a run's base model alone (the baseline); not with --adapter.")
+    ] = False,
+    recipe: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Recipe for prompt, grader, data and generation (default: the run's; with --adapter RUN/adapter, "
+            "RUN/recipe.yaml; for a merged model, the recipe saved in it; else the built-in default)."
+        ),
+    ] = None,
     data: Annotated[
-        Optional[str], typer.Option(help="A JSONL file, or digits / arithmetic-easy|normal|hard (default: the recipe's).")
+        Optional[str],
+        typer.Option(
+            help="A local .jsonl, .json, .parquet or .csv file, or a built-in set: digits, arithmetic, "
+            "arithmetic-easy, arithmetic-normal, arithmetic-hard (default: the recipe's)."
+        ),
     ] = None,
     split: Annotated[str, typer.Option(help="Split of a built-in dataset: train or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N questions.")] = None,
     samples: Annotated[int, typer.Option(min=0, help="Also sample K completions per question: mean@K, pass@K.")] = 0,
     batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
     max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest answer (default: the recipe's).")] = None,
-    output: Annotated[Optional[Path], typer.Option(help="Where results.json and samples.jsonl go (default: RUN/eval).")] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Folder for results.json and samples.jsonl. Default for a run: RUN/eval, or RUN/eval-base with "
+            "--no-adapter. For a model: MODEL/eval if it is a directory, else runs/eval/NAME. An --adapter other than "
+            "the run's own adds +ITS_RUN: --adapter runs/q1/adapter gives runs/eval/NAME+q1 (or RUN/eval+q1)."
+        ),
+    ] = None,
 ) -> None:
-    """Score a model on a dataset with the grader training uses; writes eval/results.json and samples.jsonl."""
+    """Score a model on a dataset with the grader training uses; writes results.json and samples.jsonl (see --output)."""
     from krpo_cli.evaluate import resolve_target, run_eval
 
     try:
@@ -212,7 +243,8 @@ def compare_command(
         "compare.png"
     ),
     smooth: Annotated[
-        str, typer.Option(help="EMA weight below 1 (e.g. 0.8), or a moving-average window in points (e.g. 10); 0: none.")
+        str,
+        typer.Option(help="EMA weight below 1 (e.g. 0.8), or a moving-average window of 2 or more points (e.g. 10); 0 or 1: none."),
     ] = "0.8",
 ) -> None:
     """Plot reward, accuracy and KL of several runs in one PNG and print their final and best figures."""

@@ -54,7 +54,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Smoothing:
-    """kind 'ema' (value: weight in [0, 1)), 'window' (value: points, ≥1) or 'none'."""
+    """kind 'ema' (value: weight in (0, 1)), 'window' (value: points, ≥ 2) or 'none'."""
 
     kind: str
     value: float = 0.0
@@ -67,14 +67,20 @@ class Smoothing:
         return "none"
 
 
+SMOOTH_VALUES = "an EMA weight below 1 (e.g. 0.8), a whole moving-average window ≥ 2 (e.g. 10), or 0 or 1 for none"
+
+
 def parse_smoothing(text: str) -> Smoothing:
-    """'0.8' → EMA weight 0.8; '10' → 10-point moving average; '0' (or '1') → no smoothing."""
+    """'0.8' → EMA weight 0.8; '10' → 10-point moving average; '0' or '1' → no smoothing.
+
+    An EMA of weight 0 and a window of one point both leave the values as they are.
+    """
     try:
         number = float(text)
     except ValueError:
-        raise CompareError(f"--smooth must be an EMA weight in [0, 1) or a whole window of points ≥ 1, not '{text}'") from None
+        raise CompareError(f"--smooth must be {SMOOTH_VALUES}, not '{text}'") from None
     if not math.isfinite(number) or number < 0:
-        raise CompareError(f"--smooth must be an EMA weight in [0, 1) or a whole window of points ≥ 1, not '{text}'")
+        raise CompareError(f"--smooth must be {SMOOTH_VALUES}, not '{text}'")
     if number in (0, 1):
         return Smoothing("none")
     if number < 1:
@@ -223,10 +229,12 @@ def summary_table(summaries: list[dict]) -> Table:
     """A Rich table with one row per run; the caption names the accuracy metric."""
     accuracy = summaries[0]["accuracy_metric"] if summaries else ROLLOUT_ACCURACY
     table = Table(show_edge=False, caption=f"accuracy: {accuracy}")
-    table.add_column("run", style="bold", no_wrap=True)
-    table.add_column("steps", justify="right")
+    # At 80 columns Rich would otherwise squeeze every column and cut headers and figures to
+    # "accura…": the figures keep their width, and a long run label folds onto a second line.
+    table.add_column("run", style="bold", overflow="fold")
+    table.add_column("steps", justify="right", no_wrap=True)
     for figure in FIGURES:
-        table.add_column(FIGURE_NAMES[figure].replace(" ", "\n"), justify="right")
+        table.add_column(FIGURE_NAMES[figure].replace(" ", "\n"), justify="right", no_wrap=True)
     for s in summaries:
         table.add_row(s["label"], str(s["steps"]), *(format_number(s[figure]) for figure in FIGURES))
     return table
@@ -243,10 +251,11 @@ def aggregate_table(aggregated: dict, runs: int) -> Table:
     return table
 
 
-def draw_comparison(runs: list[Run], labels: list[str], accuracy: str, smoothing: Smoothing, out: Path) -> Path:
-    """One PNG: reward, accuracy and KL panels; per run a smoothed line over its faint raw values."""
+def comparison_figure(runs: list[Run], labels: list[str], accuracy: str, smoothing: Smoothing):
+    """A matplotlib Figure: reward, accuracy and KL panels; per run a smoothed line over its faint raw values."""
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     accuracy_title = "accuracy (eval/accuracy, held-out, unsmoothed)" if accuracy == EVAL_ACCURACY else "accuracy (correct_frac, rollouts)"
     panels = [("reward_mean", "reward (reward_mean)"), (accuracy, accuracy_title), ("kl", "KL to reference (kl)")]
@@ -267,12 +276,19 @@ def draw_comparison(runs: list[Run], labels: list[str], accuracy: str, smoothing
             ax.plot(steps, smooth(values, smoothing), color=colour, linewidth=2, label=label)
         ax.set_title(title)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no tick at step 1.5
         ax.grid(alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     if handles:
         axes[0].legend(handles, names, fontsize="small")
     figure.suptitle(f"smoothing: {smoothing.describe()} (raw values faint)", fontsize="small")
     figure.tight_layout()
+    return figure
+
+
+def draw_comparison(runs: list[Run], labels: list[str], accuracy: str, smoothing: Smoothing, out: Path) -> Path:
+    """Write `comparison_figure` as a PNG at `out`."""
+    figure = comparison_figure(runs, labels, accuracy, smoothing)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         figure.savefig(out, format="png", dpi=DPI)

@@ -7,6 +7,7 @@ errors in a recipe are reported together (RecipeError carries the list).
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,14 @@ class RunSettings(_Strict):
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     seed: int = Field(42, description="Seed for data order, sampling and LoRA initialisation.")
 
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        # The run directory is output_dir/name: a name with a separator or '..' would put it elsewhere.
+        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+            raise ValueError(f"run.name must be one folder name, without '/' (found {name!r}); set run.output_dir for the parent")
+        return name
+
 
 class ModelSettings(_Strict):
     name_or_path: str = Field(
@@ -65,8 +74,19 @@ class LoraSettings(_Strict):
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt, or 'all-linear' (every linear layer but the output head)."
+        "all-linear",
+        description="Module names to adapt (a list, or comma-separated: q_proj,v_proj), or 'all-linear' (every linear layer but the output head).",
     )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names(cls, value):
+        # `lora.target_modules=q_proj,v_proj` on the command line arrives as one string.
+        if isinstance(value, str) and value != "all-linear":
+            value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list) and (not value or not all(isinstance(n, str) and n.strip() for n in value)):
+            raise ValueError(f"lora.target_modules must name at least one module, or be 'all-linear' (found {value!r})")
+        return value
 
 
 class DataSettings(_Strict):
@@ -97,6 +117,34 @@ class DataSettings(_Strict):
     system_prompt: str = Field(PAPER_SYSTEM_PROMPT, description="System message of every prompt ('' for none).")
     prompt_template: str = Field("{question}", description="User message; {question} is replaced.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+
+    # Local file suffixes and the `datasets` builder that reads each: the one table that both
+    # validation here and the loader in data.py use (data.py imports this module, not the reverse).
+    FILE_FORMATS: ClassVar[dict[str, str]] = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+    @field_validator("test_size")
+    @classmethod
+    def _whole_count_or_fraction(cls, value: float) -> float:
+        if value >= 1 and not value.is_integer():
+            raise ValueError(
+                f"data.test_size: {value:g} is neither a fraction below 1 (e.g. 0.1) nor a whole number of rows (e.g. 500)"
+            )
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _file_path(cls, value: str | None, info) -> str | None:
+        if value is None or info.data.get("source") != "file":
+            return value
+        suffix = Path(value).suffix.lower()
+        if suffix not in cls.FILE_FORMATS:
+            raise ValueError(
+                f"data.path: '{value}' has an unsupported format ({suffix or 'no suffix'}); "
+                f"use one of {', '.join(cls.FILE_FORMATS)}"
+            )
+        # Absolute, so that the run's saved recipe.yaml finds the file from any directory
+        # (krpo eval RUN, krpo merge) and not only from the one training started in.
+        return str(Path(value).expanduser().resolve())
 
     @model_validator(mode="after")
     def _check(self) -> "DataSettings":
@@ -242,6 +290,17 @@ class OutputSettings(_Strict):
         return self
 
 
+def minibatch_problem(train: TrainSettings, algorithm: AlgorithmSettings) -> str | None:
+    """The check across sections: an optimizer step cannot take more completions than a rollout makes."""
+    rollout = train.prompts_per_step * algorithm.group_size
+    if train.minibatch_size > rollout:
+        return (
+            f"train.minibatch_size ({train.minibatch_size}) is larger than a rollout batch "
+            f"(train.prompts_per_step × algorithm.group_size = {rollout})"
+        )
+    return None
+
+
 class Recipe(_Strict):
     run: RunSettings = Field(default_factory=RunSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
@@ -256,12 +315,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        rollout = self.train.prompts_per_step * self.algorithm.group_size
-        if self.train.minibatch_size > rollout:
-            raise ValueError(
-                f"train.minibatch_size ({self.train.minibatch_size}) is larger than a rollout batch "
-                f"(train.prompts_per_step × algorithm.group_size = {rollout})"
-            )
+        problem = minibatch_problem(self.train, self.algorithm)
+        if problem:
+            raise ValueError(problem)
         return self
 
     @property
@@ -300,12 +356,33 @@ def _validate(raw: Any, source: str, overrides: list[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError([_attribute(_describe(e), e, overrides) for e in err.errors()], source) from None
+        problems = [_attribute(_describe(e), e, overrides) for e in err.errors()]
+        raise RecipeError(problems + _cross_section_problems(raw, problems, overrides), source) from None
+
+
+def _cross_section_problems(raw: dict, problems: list[str], overrides: list[str]) -> list[str]:
+    """Checks across sections, which pydantic skips once any key is invalid: all mistakes are reported at once."""
+    def only(section: str, keys: tuple) -> dict:  # the keys the check reads; the section's others may be invalid
+        given = raw.get(section)
+        return {key: given[key] for key in keys if key in given} if isinstance(given, dict) else {}
+
+    try:
+        problem = minibatch_problem(
+            TrainSettings.model_validate(only("train", ("minibatch_size", "prompts_per_step"))),
+            AlgorithmSettings.model_validate(only("algorithm", ("group_size",))),
+        )
+    except ValidationError:
+        return []  # one of those keys is itself invalid, and reported
+    if not problem:
+        return []
+    problem = _attribute(problem, {"loc": (), "type": "value_error"}, overrides)
+    return [problem] if problem not in problems else []
 
 
 def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
     """`problem`, saying which command-line override set the key, when one did."""
-    key = ".".join(str(p) for p in error["loc"])
+    # A check across keys has no location; its message starts with the key it blames.
+    key = ".".join(str(p) for p in error["loc"]) or re.match(r"[\w.]*", problem).group()
     for item in reversed(overrides):  # of two overrides of one key the last is the one merged
         overridden = item.partition("=")[0]
         if key == overridden or key.startswith(overridden + "."):

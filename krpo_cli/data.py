@@ -8,6 +8,9 @@ with the model's chat template.
 from __future__ import annotations
 
 import codecs
+import csv
+import json
+import math
 import random
 from pathlib import Path
 
@@ -39,7 +42,6 @@ def digit_problems(seed: int = 0) -> list[dict]:
 
 
 DIGITS_TEST_SIZE = 50
-FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
 def _is_utf8(path: Path) -> bool:
@@ -60,28 +62,117 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
-def _load_table(settings: DataSettings, split_name: str):
-    """One split of a local file or hub dataset as a `datasets.Dataset` (None if the split does not exist)."""
+_noted: set[str] = set()
+
+
+def _note(message: str) -> None:
+    """Print a remark about the data on stderr, once: training loads a file for each split."""
+    if message in _noted:
+        return
+    _noted.add(message)
+    from rich.console import Console
+
+    Console(stderr=True).print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _json_records(path: Path) -> list[dict] | None:
+    """The records of a .jsonl file, or of a .json file holding a list of records or JSON Lines.
+
+    Read with Python's json module rather than the datasets library: values stay as written (an
+    answer 30 stays an int, where pyarrow turns it into 30.0 in a column that also holds 2.5), and
+    a malformed line is reported by its number. None for a .json document of another shape (a
+    mapping of columns), which the datasets library reads.
+    """
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
+    document_error = None
+    if path.suffix.lower() == ".json":
+        try:
+            document = json.loads(text)
+        except json.JSONDecodeError as err:
+            document_error = err  # maybe JSON Lines in a .json file, which the datasets library also accepts
+        else:
+            if not isinstance(document, list):
+                return None
+            for number, record in enumerate(document, 1):
+                if not isinstance(record, dict):
+                    raise DataError(f"dataset file '{path}' item {number}: not a JSON object ({type(record).__name__})")
+            return document
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if document_error is not None and not records:  # a (pretty-printed) document, not lines
+                err, number = document_error, document_error.lineno
+            raise DataError(f"dataset file '{path}' line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"dataset file '{path}' line {number}: not a JSON object ({type(record).__name__})")
+        records.append(record)
+    return records
+
+
+def _csv_column_count(path: Path) -> int:
+    """The number of columns of a CSV file's header; refused when no row follows it."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next((row for row in reader if row), None)  # blank lines are skipped, as pandas does
+        if header is None or next((row for row in reader if row), None) is None:
+            raise DataError(f"dataset file '{path}' has no rows" + (" (only a header)" if header else ""))
+    return len(header)
+
+
+def _load_file(path: Path) -> list[dict]:
+    """The records of a local file, read as its suffix says."""
+    if not path.is_file():
+        raise DataError(f"dataset file '{path}' does not exist")
+    builder = DataSettings.FILE_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"dataset file '{path}': unsupported format; use one of {', '.join(DataSettings.FILE_FORMATS)}"
+        )
+    if path.stat().st_size == 0:
+        raise DataError(f"dataset file '{path}' is empty")
+    if builder != "parquet" and not _is_utf8(path):
+        raise DataError(f"dataset file '{path}' is not UTF-8 text; convert it (e.g. iconv -t UTF-8)")
+    options = {}
+    if builder == "json":
+        records = _json_records(path)
+        if records is not None:
+            if not records:
+                raise DataError(f"dataset file '{path}' has no rows")
+            return records
+    elif builder == "csv":
+        # Every cell as the text written: left to infer, pandas reads a numeric column with one
+        # empty cell as float ("30" becomes "30.0"), and "NA" or "null" as missing.
+        options = {"converters": {i: str for i in range(_csv_column_count(path))}, "keep_default_na": False}
+    import datasets
+
+    datasets.disable_progress_bars()
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its own error line would precede krpo's
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet
+
+            if pyarrow.parquet.read_metadata(path).num_rows == 0:
+                raise DataError(f"dataset file '{path}' has no rows")
+        return list(datasets.load_dataset(builder, data_files=str(path), split="train", **options))
+    except DataError:
+        raise
+    except Exception as err:  # the datasets library raises many types for a malformed file
+        raise DataError(f"cannot read '{path}' as {builder}: {short(_root_cause(err))}") from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def _load_table(settings: DataSettings, split_name: str) -> list[dict] | None:
+    """The records of one split of a local file or hub dataset (None if the split does not exist)."""
     if settings.source == "file":
-        path = Path(settings.path).expanduser()
-        if not path.is_file():
-            raise DataError(f"dataset file '{path}' does not exist")
-        builder = FILE_FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(f"dataset file '{path}': unsupported format; use one of {', '.join(FILE_FORMATS)}")
         if split_name != settings.train_split:
             return None  # a single file is one split; the test rows are held out from it
-        if path.stat().st_size == 0:
-            raise DataError(f"dataset file '{path}' is empty")
-        if builder != "parquet" and not _is_utf8(path):
-            raise DataError(f"dataset file '{path}' is not UTF-8 text; convert it (e.g. iconv -t UTF-8)")
-        import datasets
-
-        datasets.disable_progress_bars()
-        try:
-            return datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as err:  # the datasets library raises many types for a malformed file
-            raise DataError(f"cannot read '{path}' as {builder}: {short(_root_cause(err))}") from None
+        return _load_file(Path(settings.path).expanduser())
 
     reachable = hub_reachable()  # if not, the local cache only, failing at once when it is not there
     import datasets
@@ -92,7 +183,7 @@ def _load_table(settings: DataSettings, split_name: str):
         base = split_name.split("[")[0]
         if base not in names:
             return None
-        return datasets.load_dataset(settings.path, settings.config, split=split_name)
+        return list(datasets.load_dataset(settings.path, settings.config, split=split_name))
     except Exception as err:
         if not reachable:
             raise DataError(
@@ -102,22 +193,34 @@ def _load_table(settings: DataSettings, split_name: str):
         raise DataError(f"cannot load '{settings.path}' from the hub: {short(err)}") from None
 
 
-def _normalise(record: dict, settings: DataSettings, where: str) -> dict:
-    """A source record as krpo's row: question, answer (extracted), and its other short columns."""
-    missing = [f for f in (settings.question_field, settings.answer_field) if f not in record]
-    if missing:
-        raise DataError(
-            f"{where}: rows have no field '{missing[0]}' (columns: {', '.join(record)}); "
-            "set data.question_field / data.answer_field"
-        )
-    answer = str(record[settings.answer_field])
+def _missing(value) -> bool:
+    """A question or answer cell that holds nothing: absent, null, NaN or blank text."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and not value.strip()
+
+
+def _normalise(record: dict, settings: DataSettings) -> dict | None:
+    """A source record as krpo's row: question, answer (extracted), and its other short columns.
+
+    None for a record without a question or an answer: it could only be asked as "None" or
+    graded against "None".
+    """
+    question, answer = record.get(settings.question_field), record.get(settings.answer_field)
+    if _missing(question) or _missing(answer):
+        return None
+    answer = str(answer)  # a JSON int 30 gives "30"; a float 30.0 stays "30.0", as the user wrote it
     if settings.answer_format == "auto":
         answer = reference_from_solution(answer)
     elif settings.answer_format == "gsm8k":
         answer = extract_gsm8k_answer(answer) or answer.strip()
     elif settings.answer_format == "boxed":
         answer = extract_boxed(answer) or answer.strip()
-    row = {"question": str(record[settings.question_field]), "answer": answer}
+    if not answer.strip():  # e.g. an empty \boxed{}
+        return None
+    row = {"question": str(question), "answer": answer}
     for key, value in record.items():
         if key not in (settings.question_field, settings.answer_field) and isinstance(value, (str, int, bool)):
             if not isinstance(value, str) or len(value) <= 100:  # keep labels, not long texts
@@ -125,29 +228,77 @@ def _normalise(record: dict, settings: DataSettings, where: str) -> dict:
     return row
 
 
+def _usable_rows(records: list[dict], settings: DataSettings, where: str) -> tuple[list[dict], int]:
+    """krpo's rows of `records` and how many were skipped for lacking a question or an answer.
+
+    A field that no record has is a wrong field name, not a gap in the data: an error. So is a
+    source with no usable row at all.
+    """
+    fields = (settings.question_field, settings.answer_field)
+    columns = list(dict.fromkeys(key for record in records for key in record))
+    for name in fields:
+        if records and name not in columns:
+            raise DataError(
+                f"{where}: rows have no field '{name}' (columns: {', '.join(columns)}); "
+                "set data.question_field / data.answer_field"
+            )
+    rows = [row for row in (_normalise(record, settings) for record in records) if row is not None]
+    if records and not rows:
+        raise DataError(
+            f"{where}: none of its {len(records)} rows has both a question ('{fields[0]}') and an answer "
+            f"('{fields[1]}'); set data.question_field / data.answer_field"
+        )
+    return rows, len(records) - len(rows)
+
+
+def _rows(records: list[dict], settings: DataSettings, where: str) -> list[dict]:
+    rows, skipped = _usable_rows(records, settings, where)
+    if skipped:
+        _note(
+            f"data: skipped {skipped} of {len(records)} rows of {where} with an empty or missing "
+            f"'{settings.question_field}' or '{settings.answer_field}'"
+        )
+    return rows
+
+
+def _held_out_count(test_size: float, total: int, where: str) -> int:
+    """How many of `total` rows `data.test_size` holds out (a fraction below 1, else a count).
+
+    Refused when that would leave fewer rows to train on than to test on: a hub recipe's
+    count (openmath's 500) pointed at a small local file would otherwise train on one row.
+    """
+    held = min(int(test_size) if test_size >= 1 else round(test_size * total), total)
+    if held > total // 2:
+        raise DataError(
+            f"data.test_size={test_size:g} would hold out {held} of the {total} rows of {where}, leaving "
+            f"{total - held} to train on; set data.test_size to at most {total // 2}"
+        )
+    return held
+
+
 def _table_rows(settings: DataSettings, split: str) -> list[dict]:
     """Train or test rows of a file/hub dataset; a source with one split gets a seeded hold-out."""
-    where = settings.path
     train_table = _load_table(settings, settings.train_split)
     if train_table is None:
-        raise DataError(f"'{where}' has no split '{settings.train_split}' (set data.train_split)")
+        raise DataError(f"'{settings.path}' has no split '{settings.train_split}' (set data.train_split)")
     test_table = _load_table(settings, settings.test_split) if settings.test_split else None
     if test_table is None:
-        rows = [_normalise(r, settings, where) for r in train_table]
-        held = settings.test_size if settings.test_size >= 1 else round(settings.test_size * len(rows))
-        held = int(min(held, len(rows) - 1))
+        rows = _rows(train_table, settings, f"'{settings.path}'")
+        held = _held_out_count(settings.test_size, len(rows), f"'{settings.path}'")
         order = list(range(len(rows)))
         random.Random(settings.split_seed).shuffle(order)
         chosen = sorted(order[:held]) if split == "test" else sorted(order[held:])
         return [rows[i] for i in chosen]
+    split_name = settings.train_split if split == "train" else settings.test_split
     table = train_table if split == "train" else test_table
-    return [_normalise(r, settings, where) for r in table]
+    return _rows(table, settings, f"the {split_name} split of '{settings.path}'")
 
 
 def _filter(rows: list[dict], settings: DataSettings) -> list[dict]:
     for field_name, allowed in settings.filters.items():
-        if rows and field_name not in rows[0]:
-            raise DataError(f"data.filters: rows have no field '{field_name}' (columns: {', '.join(rows[0])})")
+        columns = list(dict.fromkeys(key for row in rows for key in row))  # rows of a JSON file may differ in keys
+        if rows and field_name not in columns:
+            raise DataError(f"data.filters: rows have no field '{field_name}' (columns: {', '.join(columns)})")
         wanted = {str(v) for v in allowed}
         rows = [row for row in rows if str(row.get(field_name)) in wanted]
     if settings.max_question_chars is not None:
@@ -196,7 +347,7 @@ def load_eval_rows(spec: str | None, settings: DataSettings, split: str = "test"
         chosen = settings.model_copy(update={"source": source, "difficulty": difficulty or "hard", "max_samples": None})
         return load_rows(chosen, split), f"{spec} ({split})"
     chosen = settings.model_copy(update={"source": "file", "path": spec, "max_samples": None, "test_size": 0})
-    rows = _filter([_normalise(r, chosen, spec) for r in _load_table(chosen, chosen.train_split)], chosen)
+    rows = _filter(_rows(_load_file(Path(spec).expanduser()), chosen, f"'{spec}'"), chosen)
     if not rows:
         raise DataError(f"'{spec}' has no rows (after filters)")
     return rows, spec

@@ -23,9 +23,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from krpo_cli.checkpoint import CHECKPOINTS
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_eval_rows
-from krpo_cli.logging import JsonlWriter
+from krpo_cli.logging import JsonlWriter, counted
 from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
 from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
 from krpo_cli.rewards import get_grader
@@ -42,34 +43,68 @@ class EvalTarget:
     adapter: Path | None
     recipe: Recipe
     output_dir: Path
+    recipe_source: str = "the default recipe"  # printed, so a user sees whose prompt and grader are used
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / "recipe.yaml").is_file() and (path / "adapter").is_dir()
 
 
+def adapter_label(adapter: Path) -> str:
+    """A short name for an adapter, for its default output folder: the run's name for RUN/adapter,
+    RUN-step_N for a checkpoint's RUN/checkpoints/step_N/adapter, else the folder's own name."""
+    folder = adapter.resolve()
+    if folder.name != "adapter":
+        return folder.name
+    holder = folder.parent
+    if holder.parent.name == CHECKPOINTS:
+        return f"{holder.parent.parent.name}-{holder.name}"
+    return holder.name
+
+
 def resolve_target(
     target: str, adapter: str | None, recipe: str | None, no_adapter: bool, output: Path | None
 ) -> EvalTarget:
-    """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter)."""
+    """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter).
+
+    Default output folders differ for every combination, so that evaluating one base with
+    several adapters, or without one, never overwrites an earlier result.
+    """
+    if no_adapter and adapter:
+        raise ModelError("--no-adapter and --adapter contradict each other; choose one")
     path = Path(target)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
     if is_run_dir(path):
         loaded, _ = load_recipe(str(path / "recipe.yaml"))
+        source = str(path / "recipe.yaml")
         if recipe:  # prompt, grader, data and generation from --recipe; the model stays the run's
             loaded = load_recipe(recipe)[0].model_copy(update={"model": loaded.model})
-        chosen = None if no_adapter else Path(adapter) if adapter else path / "adapter"
-        name = "eval-base" if no_adapter else "eval"
-        return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name)
+            source = recipe
+        own = path / "adapter"
+        chosen = None if no_adapter else Path(adapter) if adapter else own
+        if chosen is None:
+            name = "eval-base"
+        elif chosen.resolve() == own.resolve():
+            name = "eval"
+        else:  # another run's adapter on this run's base
+            name = f"eval+{adapter_label(chosen)}"
+        return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name, source)
+    chosen = Path(adapter) if adapter else None
+    # An adapter inside a run directory was trained with that run's prompt and grader.
+    adapter_run = chosen.parent if chosen is not None and is_run_dir(chosen.parent) else None
     if recipe:
-        loaded, _ = load_recipe(recipe)
+        loaded, source = load_recipe(recipe)[0], recipe
+    elif adapter_run is not None:
+        loaded, source = load_recipe(str(adapter_run / "recipe.yaml"))[0], str(adapter_run / "recipe.yaml")
     elif (path / RECIPE_IN_MODEL_DIR).is_file():
-        loaded, _ = load_recipe(str(path / RECIPE_IN_MODEL_DIR))
+        loaded, source = load_recipe(str(path / RECIPE_IN_MODEL_DIR))[0], str(path / RECIPE_IN_MODEL_DIR)
     else:
-        loaded = Recipe()
+        loaded, source = Recipe(), "the default recipe"
     default_out = (path / "eval") if path.is_dir() else Path("runs") / "eval" / path.name
-    return EvalTarget(target, None if no_adapter or not adapter else Path(adapter), loaded, output or default_out)
+    if chosen is not None:
+        default_out = default_out.with_name(f"{default_out.name}+{adapter_label(chosen)}")
+    return EvalTarget(target, chosen, loaded, output or default_out, source)
 
 
 def load_adapter(base, adapter_dir: Path, base_name: str):
@@ -231,7 +266,8 @@ def run_eval(
     torch.manual_seed(recipe.run.seed)
 
     what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")
-    console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(dataset_name)}: {len(rows):,} questions", highlight=False)
+    where = f"{dataset_name}: {counted(len(rows), 'question')} · prompt and grader from {target.recipe_source}"
+    console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(where)}", highlight=False)
     with Progress(
         TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
         disable=not console.is_terminal,

@@ -18,6 +18,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def counted(number: int, noun: str) -> str:
+    """"1 step", "2 steps", "1,500 training rows": a count and its noun, in the printed figures."""
+    words = noun.split()
+    words[-1] += "" if number == 1 else "s"
+    return f"{number:,} {' '.join(words)}"
+
+
 class JsonlWriter:
     """Appends one JSON object per line and flushes, so a crash loses nothing written."""
 

@@ -34,6 +34,7 @@ from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
+    checkpoint_step,
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -44,7 +45,7 @@ from krpo_cli.config import Recipe, RecipeError, TrainSettings, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
-from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends
+from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy, save_adapter
 from krpo_cli.rewards import get_grader
@@ -164,10 +165,22 @@ def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
+    """The checkpoint to continue `run_dir` from: the latest, or the one named (which must be the run's own)."""
     if isinstance(resume, str) and resume:
-        path = Path(resume)
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint '{path}' does not exist")
         if not (path / "trainer_state.pt").is_file():
             raise CheckpointError(f"'{path}' is not a krpo checkpoint (no trainer_state.pt)")
+        owner = path.resolve().parent.parent
+        if owner != run_dir.resolve():
+            # Another run's checkpoint was made with that run's recipe and logged that run's steps.
+            hint = (
+                f"; to continue that run: krpo train {owner / 'recipe.yaml'} --resume-from {path}"
+                if (owner / "recipe.yaml").is_file()
+                else ""
+            )
+            raise CheckpointError(f"'{path}' is not a checkpoint of the run '{run_dir}'{hint}")
         return path
     remove_partial_checkpoints(run_dir)
     found = list_checkpoints(run_dir)
@@ -184,11 +197,16 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+        save_resolved_recipe(run_dir, recipe)
         (run_dir / "recipe.original.yaml").write_text(recipe_text, encoding="utf-8")
     except OSError as err:
         raise RunDirError(f"cannot write the run directory '{run_dir}': {err.strerror or err}") from None
     return run_dir
+
+
+def save_resolved_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """recipe.yaml: every key's value; a resumption rewrites it with the keys it may change (train.steps, …)."""
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
 
 
 def seed_everything(seed: int) -> None:
@@ -279,6 +297,12 @@ def train(
     if resume:
         checkpoint = find_resume_checkpoint(run_dir, resume)
         check_resumable(run_dir, recipe)
+        done = checkpoint_step(checkpoint)
+        if done > opt.steps:
+            raise CheckpointError(
+                f"the checkpoint '{checkpoint}' is at step {done}, past train.steps={opt.steps}; "
+                f"resume with train.steps={done} or more"
+            )
     seed_everything(cfg.run.seed)
 
     # Everything a user can get wrong is loaded before the run directory is written.
@@ -295,6 +319,8 @@ def train(
     if dist.is_main:
         if checkpoint is None:
             prepare_run_dir(run_dir, recipe, recipe_text)
+        else:
+            save_resolved_recipe(run_dir, recipe)
         run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
                     "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine,
                     "processes": dist.world_size}
@@ -304,7 +330,7 @@ def train(
     console.print(
         f"[bold]krpo train[/] · {cfg.algorithm.advantage.upper()} · model {escape(cfg.model.name_or_path)} "
         f"({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.device.type}) · "
-        f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {len(rows):,} training rows · "
+        f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {counted(len(rows), 'training row')} · "
         f"run dir {escape(str(run_dir))}",
         highlight=False,
     )
@@ -532,7 +558,7 @@ def train(
         console.print(f"adapter sha256 by rank: {' '.join(digests)} (identical)", highlight=False, soft_wrap=True)
     first, last = quarter_means(reward_history)
     console.print(
-        f"done: {opt.steps} steps · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
+        f"done: {counted(opt.steps, 'step')} · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
         f"adapter saved to {run_dir / 'adapter'}",
         highlight=False,
         markup=False,

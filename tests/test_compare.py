@@ -62,6 +62,10 @@ def test_parse_smoothing():
     for bad in ("abc", "-0.5", "2.5", "nan"):
         with pytest.raises(CompareError, match="--smooth"):
             parse_smoothing(bad)
+    # The message says what the parser accepts: a window of 1 is no smoothing, so windows start at 2.
+    with pytest.raises(CompareError) as refused:
+        parse_smoothing("-1")
+    assert "window ≥ 2" in str(refused.value) and "0 or 1 for none" in str(refused.value)
 
 
 def test_series_skips_missing_and_non_finite_values():
@@ -217,3 +221,35 @@ def test_train_over_two_seeds(tmp_path, tiny_model_dir):
     assert reward["mean"] == pytest.approx((finals[0]["reward_mean"] + finals[1]["reward_mean"]) / 2)
     assert (runs / "tiny-seeds.png").read_bytes()[:8] == PNG_SIGNATURE
     assert "across 2 seeds" in result.output and "± std" in result.output
+
+
+def test_summary_table_fits_80_columns_with_long_labels(tmp_path):
+    from rich.console import Console
+
+    from krpo_cli.compare import summary_table
+
+    runs = [
+        fake_run(tmp_path / "a", "arithmetic-normal-qwen-seed3", "dr_grpo", [0.65, 0.81], [0.5, 0.64], [0.0, 0.0012]),
+        fake_run(tmp_path / "b", "arithmetic-normal-qwen-seed4", "krpo", [0.25, 0.5], [0.125, 0.72], [0.0, 0.25]),
+    ]
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console.print(summary_table([summarize_run(load_run(run)) for run in runs]))
+    text = console.export_text()
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    header = " ".join(text.splitlines()[:2])
+    assert header.count("accuracy") == 2 and header.count("reward") == 2 and header.count("final") == 3
+    for figure in ("0.810", "0.640", "0.001", "0.500", "0.720", "0.250"):
+        assert figure in text, figure
+    assert "dr_grpo" in text.replace("\n", "")  # a long label folds onto a second line, it is not cut
+
+
+def test_plot_step_ticks_are_whole_numbers(tmp_path):
+    from krpo_cli.compare import comparison_figure
+
+    run = load_run(fake_run(tmp_path / "a", "alpha", "krpo", [0.1, 0.3, 0.2], [0.0, 0.5, 0.25], [0.0, 0.01, 0.02]))
+    figure = comparison_figure([run], ["alpha"], "correct_frac", Smoothing("none"))
+    for ax in figure.axes:
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert len(ticks) >= 2 and all(t == int(t) for t in ticks), ticks

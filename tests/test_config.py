@@ -63,6 +63,34 @@ def test_minibatch_larger_than_rollout_is_an_error(tmp_path):
     assert "train.minibatch_size (100) is larger than a rollout batch" in err.problems[0]
 
 
+def test_minibatch_check_runs_beside_other_mistakes_and_names_its_override(tmp_path):
+    # pydantic skips a model's own checks once any field is invalid; krpo still reports every mistake.
+    err = recipe_error(tmp_path, {"train": {"steps": "ten", "prompts_per_step": 4}}, ["train.minibatch_size=100"])
+    assert len(err.problems) == 2 and "train.steps" in err.problems[0]
+    assert err.problems[1] == (
+        "train.minibatch_size (100) is larger than a rollout batch (train.prompts_per_step × algorithm.group_size = 48), "
+        "set on the command line by 'train.minibatch_size=100'"
+    )
+    err = recipe_error(tmp_path, {"train": {"steps": "ten", "minibatch_size": "big"}})
+    assert len(err.problems) == 2  # an invalid minibatch_size is reported once, by its own check
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", "", "a\\b"])
+def test_a_run_name_is_one_folder(tmp_path, name):
+    err = recipe_error(tmp_path, {"run": {"name": name}})
+    assert err.problems == [f"run.name must be one folder name, without '/' (found {name!r}); set run.output_dir for the parent"]
+
+
+def test_target_modules_from_the_command_line():
+    for given, expected in [("q_proj", ["q_proj"]), ("q_proj, v_proj", ["q_proj", "v_proj"]), ("[o_proj]", ["o_proj"]),
+                            ("all-linear", "all-linear")]:
+        recipe, _ = load_recipe("quickstart", [f"lora.target_modules={given}"])
+        assert recipe.lora.target_modules == expected
+    for given in (",", "[]"):
+        with pytest.raises(RecipeError, match="lora.target_modules must name at least one module"):
+            load_recipe("quickstart", [f"lora.target_modules={given}"])
+
+
 @pytest.mark.parametrize("text", ["a: [1, 2", "- just\n- a list\n"])
 def test_malformed_or_non_mapping_yaml(tmp_path, text):
     err = recipe_error(tmp_path, text)

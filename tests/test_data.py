@@ -135,3 +135,134 @@ def test_hub_recipe_offline_exits_2_quickly(tmp_path):
     assert result.exit_code == 2
     assert "data.source=file" in result.output and "Traceback" not in result.output
     assert time.perf_counter() - started < 10
+
+
+def test_rows_without_question_or_answer_are_skipped_and_counted_once(tmp_path, capsys, monkeypatch):
+    import krpo_cli.data
+
+    monkeypatch.setattr(krpo_cli.data, "_noted", set(), raising=False)  # notes already given in this process
+    good = [{"question": f"{i} + 1", "answer": str(i + 1)} for i in range(8)]
+    bad = [{"question": "no answer"}, {"question": "null answer", "answer": None}, {"answer": "7"},
+           {"question": "  ", "answer": "3"}, {"question": "blank answer", "answer": " \t"}]
+    path = write_jsonl(tmp_path / "gaps.jsonl", good[:4] + bad + good[4:])
+    settings = file_settings(path, test_size=2)
+    train, test = load_rows(settings, "train"), load_rows(settings, "test")
+    assert sorted(r["question"] for r in train + test) == sorted(r["question"] for r in good)
+    assert all(r["answer"] != "None" and r["question"].strip() for r in train + test)
+    err = capsys.readouterr().err
+    assert err.count("data: skipped 5 of 13 rows") == 1, err  # both splits read the file; one note
+    assert "'question' or 'answer'" in err
+
+
+def test_no_usable_row_is_an_error_naming_the_fields(tmp_path):
+    path = write_jsonl(tmp_path / "none.jsonl", [{"problem": "1+1", "solution": None}, {"problem": "", "solution": "2"}])
+    with pytest.raises(DataError, match=r"none of its 2 rows has both a question \('problem'\) and an answer \('solution'\)"):
+        load_rows(file_settings(path, question_field="problem", answer_field="solution"), "train")
+
+
+def test_csv_cells_are_read_as_written(tmp_path):
+    path = tmp_path / "gaps.csv"
+    path.write_text('question,answer,level\nq1,30,1\nq2,,2\nq3,1320,3\nq4,NA,4\nq5,007,5\n', encoding="utf-8")
+    rows = load_rows(file_settings(path, test_size=0, answer_format="raw"), "train")
+    # An empty cell made pandas read the column as float: every reference was "30.0", "1320.0".
+    assert [(r["question"], r["answer"]) for r in rows] == [("q1", "30"), ("q3", "1320"), ("q4", "NA"), ("q5", "007")]
+
+
+def test_json_numbers_keep_their_type(tmp_path):
+    # pyarrow reads a column of 30 and 2.5 as floats, which made the int 30 the reference "30.0"
+    path = write_jsonl(tmp_path / "numbers.jsonl", [{"question": "a", "answer": 30}, {"question": "b", "answer": 2.5},
+                                                    {"question": "c", "answer": 30.0}])
+    rows = load_rows(file_settings(path, test_size=0, answer_format="raw"), "train")
+    assert [r["answer"] for r in rows] == ["30", "2.5", "30.0"]
+
+
+def test_test_size_that_leaves_fewer_training_rows_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "small.jsonl", GSM8K_ROWS + GSM8K_ROWS[:10])  # 30 rows
+    for size, held in ((500, 30), (16, 16), (0.6, 18)):  # openmath's 500 silently held out 29 and trained on 1
+        with pytest.raises(DataError) as info:
+            load_rows(file_settings(path, test_size=size), "train")
+        assert str(info.value) == (
+            f"data.test_size={size:g} would hold out {held} of the 30 rows of '{path}', "
+            f"leaving {30 - held} to train on; set data.test_size to at most 15"
+        )
+    train, test = load_rows(file_settings(path, test_size=15), "train"), load_rows(file_settings(path, test_size=15), "test")
+    assert (len(train), len(test)) == (15, 15)
+    assert len(load_rows(file_settings(path, test_size=0.5), "test")) == 15
+
+
+@pytest.mark.parametrize("size", [1.5, 500.25])
+def test_test_size_is_a_fraction_or_a_whole_count(size):
+    with pytest.raises(ValueError, match=rf"data.test_size: {size:g} is neither a fraction below 1 .* nor a whole number"):
+        DataSettings(test_size=size)
+    assert DataSettings(test_size=0.25).test_size == 0.25 and DataSettings(test_size=500).test_size == 500
+
+
+def test_validate_refuses_an_unsupported_file_suffix(tmp_path):
+    result = runner.invoke(app, ["validate", "quickstart", "data.source=file", "data.path=t.tsv"])
+    assert result.exit_code == 2
+    assert "data.path: 't.tsv' has an unsupported format (.tsv); use one of .jsonl, .json, .parquet, .csv" in result.output
+    assert runner.invoke(app, ["validate", "quickstart", "data.source=file", "data.path=t.CSV"]).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("header_only.csv", "question,answer\n\n", r"dataset file '.*header_only.csv' has no rows \(only a header\)"),
+        ("blank.jsonl", "\n  \n", r"dataset file '.*blank.jsonl' has no rows"),
+        ("broken.jsonl", '{"question": "1+1", "answer": "2"}\n\n{"question": "2+2", "answer": "4"}}\n',
+         r"dataset file '.*broken.jsonl' line 3: not valid JSON: Extra data \(column 35\)"),
+        ("list.jsonl", '{"question": "1+1", "answer": "2"}\n[1, 2]\n', r"dataset file '.*list.jsonl' line 2: not a JSON object \(list\)"),
+        ("ragged.csv", "question,answer\n1+1,2\n2+2,4,extra\n",
+         r"cannot read '.*ragged.csv' as csv: Error tokenizing data. C error: Expected 2 fields in line 3, saw 3"),
+        ("pretty.json", '[\n  {"question": "1+1", "answer": "2"},\n  {"question": "2+2" "answer": "4"}\n]\n',
+         r"dataset file '.*pretty.json' line 3: not valid JSON: Expecting ',' delimiter"),
+    ],
+)
+def test_unreadable_files_say_where_without_library_noise(tmp_path, capfd, name, content, message):
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError, match=message):
+        load_rows(file_settings(path), "train")
+    assert "Failed to" not in capfd.readouterr().err  # the datasets library's own log line
+
+
+def test_empty_parquet_has_no_rows(tmp_path, capfd):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}), path)
+    with pytest.raises(DataError, match=r"dataset file '.*empty.parquet' has no rows"):
+        load_rows(file_settings(path), "train")
+    assert "Failed to" not in capfd.readouterr().err
+
+
+def test_relative_file_path_is_stored_absolute_and_resumes(tmp_path, monkeypatch):
+    from krpo_cli.config import Recipe, recipe_to_yaml
+    from krpo_cli.train import check_resumable
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    write_jsonl(work / "small.jsonl", GSM8K_ROWS)
+    monkeypatch.chdir(work)
+    recipe = Recipe.model_validate({"data": {"source": "file", "path": "small.jsonl", "test_split": None, "test_size": 5}})
+    assert recipe.data.path == str((work / "small.jsonl").resolve())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
+    check_resumable(run_dir, Recipe.model_validate({"data": {"source": "file", "path": "small.jsonl", "test_split": None, "test_size": 5}}))
+    monkeypatch.chdir(elsewhere)  # `krpo eval RUN` from another directory reads the saved recipe
+    import yaml
+
+    saved = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8")))
+    assert len(load_rows(saved.data, "test")) == 5
+    monkeypatch.setenv("HOME", str(work))
+    assert DataSettings(source="file", path="~/small.jsonl").path == str((work / "small.jsonl").resolve())
+    assert DataSettings(source="hub", path="openai/gsm8k").path == "openai/gsm8k"
+
+
+def test_filters_find_a_field_the_first_row_lacks(tmp_path):
+    rows = [{"question": "1+1", "answer": "2"}, {"question": "2+2", "answer": "4", "subject": "sums"}]
+    path = write_jsonl(tmp_path / "ragged.jsonl", rows)
+    kept = load_rows(file_settings(path, test_size=0, filters={"subject": ["sums"]}), "train")
+    assert [r["question"] for r in kept] == ["2+2"]

@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -6,7 +8,7 @@ from typer.testing import CliRunner
 from krpo_cli import train as train_module
 from krpo_cli.cli import app
 from krpo_cli.config import Recipe
-from krpo_cli.evaluate import breakdown, grouping_columns, summarise
+from krpo_cli.evaluate import adapter_label, breakdown, grouping_columns, resolve_target, summarise
 from conftest import make_adapter, read_jsonl, tiny_recipe, write_recipe
 
 runner = CliRunner()
@@ -120,3 +122,103 @@ def test_dataset_columns_cannot_overwrite_graded_fields(tmp_path, tiny_model_dir
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert results["metrics"]["accuracy"] == 0.0  # "zzz" is never the last number; the column's True is ignored
+
+
+def fake_run_dir(directory: Path, recipe: dict) -> Path:
+    """A run directory as far as `krpo eval` looks before loading a model: recipe.yaml and adapter/."""
+    (directory / "adapter").mkdir(parents=True)
+    (directory / "adapter" / "adapter_config.json").write_text("{}", encoding="utf-8")
+    write_recipe(directory / "recipe.yaml", recipe)
+    return directory
+
+
+def test_default_output_folder_differs_for_every_adapter(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default for a named model is relative: runs/eval/NAME
+    q1 = fake_run_dir(Path("runs/q1"), tiny_recipe(tiny_model_dir, Path("runs")))
+    r1 = fake_run_dir(Path("runs/r1"), tiny_recipe(tiny_model_dir, Path("runs")))
+
+    def out(target, adapter=None, no_adapter=False):
+        return resolve_target(target, adapter, None, no_adapter, None).output_dir
+
+    model = "smollm2-135m-instruct"
+    assert out(model, "runs/q1/adapter") == Path("runs/eval/smollm2-135m-instruct+q1")
+    assert out(model, "runs/r1/adapter/") == Path("runs/eval/smollm2-135m-instruct+r1")
+    assert out(model) == Path("runs/eval/smollm2-135m-instruct")
+    assert out(str(tiny_model_dir), "runs/q1/adapter") == tiny_model_dir / "eval+q1"
+    # A run directory: its own adapter, named or not, writes RUN/eval; another run's adapter does not.
+    assert out(str(q1)) == out(str(q1), "runs/q1/adapter") == q1 / "eval"
+    assert out(str(q1), "runs/r1/adapter") == q1 / "eval+r1"
+    assert out(str(q1), no_adapter=True) == q1 / "eval-base"
+    assert resolve_target(model, "runs/q1/adapter", None, False, tmp_path / "mine").output_dir == tmp_path / "mine"
+
+
+def test_adapter_label_names_the_run():
+    assert adapter_label(Path("runs/q1/adapter")) == "q1"
+    assert adapter_label(Path("runs/q1/checkpoints/step_000010/adapter")) == "q1-step_000010"
+    assert adapter_label(Path("downloads/my-lora")) == "my-lora"
+
+
+def test_adapter_of_a_run_is_evaluated_with_the_run_recipe(tmp_path, tiny_model_dir):
+    prompt = {"data": {"prompt_template": "Q1 asks: {question}"}}
+    q1 = fake_run_dir(tmp_path / "q1", tiny_recipe(tiny_model_dir, tmp_path, **prompt))
+    chosen = resolve_target("smollm2-135m-instruct", str(q1 / "adapter"), None, False, None)
+    assert chosen.recipe.data.prompt_template == "Q1 asks: {question}"
+    assert chosen.recipe.reward.grader == "last_number"  # the default recipe's grader is answer_tags
+    assert chosen.recipe_source == str(q1 / "recipe.yaml")
+    # --recipe still wins; an adapter outside a run gets the default recipe.
+    other = write_recipe(tmp_path / "other.yaml", tiny_recipe(tiny_model_dir, tmp_path, reward={"grader": "numeric"}))
+    assert resolve_target("m", str(q1 / "adapter"), str(other), False, None).recipe.reward.grader == "numeric"
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert resolve_target("m", str(loose), None, False, None).recipe.reward.grader == "answer_tags"
+
+
+def test_eval_model_with_a_run_adapter_end_to_end(run_dir, tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["eval", str(tiny_model_dir), "--adapter", str(run_dir / "adapter"), "--limit", "1", "--max-new-tokens", "2",
+         "--output", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["grader"] == "last_number" and results["dataset"].startswith("digits")
+    printed = "".join(result.output.split())  # Rich wraps long paths anywhere
+    assert f"promptandgraderfrom{run_dir / 'recipe.yaml'}" in printed
+    assert "1question·" in printed and "1questions" not in printed
+
+
+def test_no_adapter_with_adapter_exits_2(run_dir, tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["eval", str(run_dir), "--no-adapter", "--adapter", str(run_dir / "adapter"), "--output", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "--no-adapter and --adapter contradict each other" in result.output and "Traceback" not in result.output
+    assert not out.exists()
+
+
+def test_eval_help_lists_every_accepted_dataset_and_each_default_output():
+    from krpo_cli.config import DataSettings
+    from krpo_cli.data import BUILTIN_DATASETS
+
+    result = runner.invoke(app, ["eval", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    text = " ".join(result.output.replace("│", " ").split())
+    for name in (*BUILTIN_DATASETS, *DataSettings.FILE_FORMATS):  # whole words: "arithmetic-easy" does not list "arithmetic"
+        assert re.search(rf"(?<![\w.-]){re.escape(name)}(?![\w-])", text), name
+    for default in ("RUN/eval,", "RUN/eval-base", "runs/eval/NAME", "runs/eval/NAME+q1"):
+        assert default in text, default
+
+
+def test_data_help_names_the_datasets_it_can_write():
+    # `krpo data` lives beside `krpo eval --data`: its help must not promise datasets it cannot write.
+    from krpo_cli.cli import data_app
+
+    commands = [command.name or command.callback.__name__ for command in data_app.registered_commands]
+    assert commands == ["arithmetic"]
+    result = runner.invoke(app, ["data", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    assert "Write a built-in dataset as JSONL: arithmetic" in result.output
+    assert "datasets" not in data_app.info.help

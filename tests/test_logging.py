@@ -150,3 +150,10 @@ def test_log_to_recipe_mistakes_are_recipe_errors():
         with pytest.raises(ValidationError):
             Recipe.model_validate({"output": output})
     assert Recipe.model_validate({}).output.log_to == []
+
+
+def test_counts_are_printed_with_their_noun_in_the_right_number():
+    from krpo_cli.logging import counted
+
+    assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    assert counted(1, "training row") == "1 training row" and counted(1500, "training row") == "1,500 training rows"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -68,10 +69,46 @@ def test_non_empty_run_dir_names_both_options_and_bad_resumes_exit_2(tmp_path, t
     assert changed.exit_code == 2 and "train.learning_rate" in changed.output and "different recipe" in changed.output
     nothing = runner.invoke(app, ["train", str(recipe), "--resume-from", str(tmp_path)])
     assert nothing.exit_code == 2 and "not a krpo checkpoint" in nothing.output
+    missing = runner.invoke(app, ["train", str(recipe), "--resume-from", str(tmp_path / "step_000009")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
     more = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])
     assert more.exit_code == 0, more.output
-    assert "resumed from" in more.output
-    assert [m["step"] for m in read_jsonl(tmp_path / "runs" / "tiny" / "metrics.jsonl")] == [1, 2]
+    assert "resumed from" in more.output and "done: 2 steps" in more.output
+    run_dir = tmp_path / "runs" / "tiny"
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["train"]["steps"] == 2  # the resolved recipe is current
+    fewer = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=1"])
+    assert fewer.exit_code == 2 and "is at step 2, past train.steps=1" in fewer.output
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_another_runs_checkpoint_is_refused_with_the_command_that_continues_it(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    assert runner.invoke(app, ["train", str(recipe), "run.name=first"]).exit_code == 0
+    (checkpoint,) = list_checkpoints(tmp_path / "runs" / "first")
+    # The other run's recipe differs (its data): resuming it under this recipe would mix the two runs.
+    other = runner.invoke(app, ["train", str(recipe), "run.name=second", "data.source=arithmetic", "--resume-from", str(checkpoint)])
+    assert other.exit_code == 2, other.output
+    assert "is not a checkpoint of the run" in other.output
+    assert f"krpo train {tmp_path / 'runs' / 'first' / 'recipe.yaml'} --resume-from" in " ".join(other.output.split())
+    assert not (tmp_path / "runs" / "second").exists()
+
+
+def test_an_abort_says_whether_a_checkpoint_can_resume(tmp_path, tiny_model_dir, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # a second Ctrl+C, or one while the model loads
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    first = runner.invoke(app, ["train", str(recipe)])
+    assert first.exit_code == 130 and "aborted; no checkpoint was written" in first.output
+    monkeypatch.undo()
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    monkeypatch.setattr(train_module, "train", interrupted)
+    later = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=3"])
+    assert later.exit_code == 130
+    assert f"the last checkpoint resumes with: krpo train {recipe} train.steps=3 --resume" in " ".join(later.output.split())
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_model_dir):
