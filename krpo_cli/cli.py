@@ -6,6 +6,7 @@ printed as one message and exit with code 2, never as a traceback.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -100,7 +101,7 @@ def train(
 
     if seeds is not None and resume_from is not None:
         fail("--resume-from names one checkpoint; with --seeds use --resume")
-    again = " ".join(["krpo train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
+    again = shlex.join(["krpo", "train", recipe, *(overrides or []), *(["--seeds", seeds] if seeds else []), "--resume"])
     loaded = None
     try:
         if seeds is not None:

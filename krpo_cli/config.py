@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -47,10 +47,12 @@ class RunSettings(_Strict):
 
     @field_validator("name")
     @classmethod
-    def _one_folder(cls, name: str) -> str:
-        # The run directory is output_dir/name: a name with a separator or '..' would put it elsewhere.
-        if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
-            raise ValueError(f"run.name must be one folder name, without '/' (found {name!r}); set run.output_dir for the parent")
+    def _inside_output_dir(cls, name: str) -> str:
+        # The run directory is output_dir/name, which --overwrite deletes: a name must not lead out
+        # of output_dir (a nested name such as ablations/lr-1e-5 stays inside it).
+        parts = Path(name).parts
+        if not name.strip() or Path(name).is_absolute() or ".." in parts or not [p for p in parts if p != "."]:
+            raise ValueError(f"run.name must be a folder inside run.output_dir, without '..' (found {name!r})")
         return name
 
 
@@ -81,9 +83,12 @@ class LoraSettings(_Strict):
     @field_validator("target_modules", mode="before")
     @classmethod
     def _names(cls, value):
-        # `lora.target_modules=q_proj,v_proj` on the command line arrives as one string.
-        if isinstance(value, str) and value != "all-linear":
+        # `lora.target_modules=q_proj,v_proj` on the command line arrives as one string; and PEFT
+        # would take [all-linear] or ALL-LINEAR as a module's name, and find no such module.
+        if isinstance(value, str):
             value = [name.strip() for name in value.split(",")]
+        if isinstance(value, list) and [str(name).strip().lower() for name in value] == ["all-linear"]:
+            return "all-linear"
         if isinstance(value, list) and (not value or not all(isinstance(n, str) and n.strip() for n in value)):
             raise ValueError(f"lora.target_modules must name at least one module, or be 'all-linear' (found {value!r})")
         return value

@@ -11,7 +11,9 @@ import codecs
 import csv
 import json
 import math
+import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
@@ -76,7 +78,7 @@ def _note(message: str) -> None:
 
 
 def _json_records(path: Path) -> list[dict] | None:
-    """The records of a .jsonl file, or of a .json file holding a list of records or JSON Lines.
+    """The records of a .jsonl or .json file that holds a list of records or JSON Lines.
 
     Read with Python's json module rather than the datasets library: values stay as written (an
     answer 30 stays an int, where pyarrow turns it into 30.0 in a column that also holds 2.5), and
@@ -85,18 +87,19 @@ def _json_records(path: Path) -> list[dict] | None:
     """
     text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not part of the JSON
     document_error = None
-    if path.suffix.lower() == ".json":
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as err:
-            document_error = err  # maybe JSON Lines in a .json file, which the datasets library also accepts
-        else:
-            if not isinstance(document, list):
-                return None
+    try:  # one document: a list of records, in a .json file or (as the datasets library accepts) a .jsonl one
+        document = json.loads(text)
+    except json.JSONDecodeError as err:
+        document_error = err  # JSON Lines, or a malformed document
+    else:
+        if isinstance(document, list):
             for number, record in enumerate(document, 1):
                 if not isinstance(record, dict):
                     raise DataError(f"dataset file '{path}' item {number}: not a JSON object ({type(record).__name__})")
             return document
+        if path.suffix.lower() == ".json":
+            return None
+        # else a .jsonl file of one line: read below as JSON Lines
     records = []
     for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
@@ -167,14 +170,17 @@ def _load_file(path: Path) -> list[dict]:
         datasets.logging.set_verbosity(verbosity)
 
 
-def _load_table(settings: DataSettings, split_name: str) -> list[dict] | None:
-    """The records of one split of a local file or hub dataset (None if the split does not exist)."""
+def _load_table(settings: DataSettings, split_name: str) -> Sequence[dict] | None:
+    """The records of one split of a local file (a list) or hub dataset (a `datasets.Dataset`, which
+    yields dicts); None if the split does not exist."""
     if settings.source == "file":
         if split_name != settings.train_split:
             return None  # a single file is one split; the test rows are held out from it
         return _load_file(Path(settings.path).expanduser())
 
-    reachable = hub_reachable()  # if not, the local cache only, failing at once when it is not there
+    # If not reachable, the local cache only, failing at once when it is not there.
+    offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    reachable = not offline and hub_reachable()
     import datasets
 
     datasets.disable_progress_bars()
@@ -183,7 +189,7 @@ def _load_table(settings: DataSettings, split_name: str) -> list[dict] | None:
         base = split_name.split("[")[0]
         if base not in names:
             return None
-        return list(datasets.load_dataset(settings.path, settings.config, split=split_name))
+        return datasets.load_dataset(settings.path, settings.config, split=split_name)  # rows read one at a time
     except Exception as err:
         if not reachable:
             raise DataError(
@@ -228,14 +234,14 @@ def _normalise(record: dict, settings: DataSettings) -> dict | None:
     return row
 
 
-def _usable_rows(records: list[dict], settings: DataSettings, where: str) -> tuple[list[dict], int]:
+def _usable_rows(records: Sequence[dict], settings: DataSettings, where: str) -> tuple[list[dict], int]:
     """krpo's rows of `records` and how many were skipped for lacking a question or an answer.
 
     A field that no record has is a wrong field name, not a gap in the data: an error. So is a
     source with no usable row at all.
     """
     fields = (settings.question_field, settings.answer_field)
-    columns = list(dict.fromkeys(key for record in records for key in record))
+    columns = getattr(records, "column_names", None) or list(dict.fromkeys(key for record in records for key in record))
     for name in fields:
         if records and name not in columns:
             raise DataError(
@@ -251,7 +257,7 @@ def _usable_rows(records: list[dict], settings: DataSettings, where: str) -> tup
     return rows, len(records) - len(rows)
 
 
-def _rows(records: list[dict], settings: DataSettings, where: str) -> list[dict]:
+def _rows(records: Sequence[dict], settings: DataSettings, where: str) -> list[dict]:
     rows, skipped = _usable_rows(records, settings, where)
     if skipped:
         _note(
@@ -268,30 +274,31 @@ def _held_out_count(test_size: float, total: int, where: str) -> int:
     count (openmath's 500) pointed at a small local file would otherwise train on one row.
     """
     held = min(int(test_size) if test_size >= 1 else round(test_size * total), total)
-    if held > total // 2:
+    at_most = (total + 1) // 2  # half, rounded up: test_size=0.5 of 7 rows holds out round(3.5) = 4
+    if held > at_most:
         raise DataError(
             f"data.test_size={test_size:g} would hold out {held} of the {total} rows of {where}, leaving "
-            f"{total - held} to train on; set data.test_size to at most {total // 2}"
+            f"{total - held} to train on; set data.test_size to at most {at_most}"
         )
     return held
 
 
 def _table_rows(settings: DataSettings, split: str) -> list[dict]:
     """Train or test rows of a file/hub dataset; a source with one split gets a seeded hold-out."""
+    test_table = _load_table(settings, settings.test_split) if settings.test_split else None
+    if split == "test" and test_table is not None:  # the train split is not needed
+        return _rows(test_table, settings, f"the {settings.test_split} split of '{settings.path}'")
     train_table = _load_table(settings, settings.train_split)
     if train_table is None:
         raise DataError(f"'{settings.path}' has no split '{settings.train_split}' (set data.train_split)")
-    test_table = _load_table(settings, settings.test_split) if settings.test_split else None
-    if test_table is None:
-        rows = _rows(train_table, settings, f"'{settings.path}'")
-        held = _held_out_count(settings.test_size, len(rows), f"'{settings.path}'")
-        order = list(range(len(rows)))
-        random.Random(settings.split_seed).shuffle(order)
-        chosen = sorted(order[:held]) if split == "test" else sorted(order[held:])
-        return [rows[i] for i in chosen]
-    split_name = settings.train_split if split == "train" else settings.test_split
-    table = train_table if split == "train" else test_table
-    return _rows(table, settings, f"the {split_name} split of '{settings.path}'")
+    if test_table is not None:
+        return _rows(train_table, settings, f"the {settings.train_split} split of '{settings.path}'")
+    rows = _rows(train_table, settings, f"'{settings.path}'")
+    held = _held_out_count(settings.test_size, len(rows), f"'{settings.path}'")
+    order = list(range(len(rows)))
+    random.Random(settings.split_seed).shuffle(order)
+    chosen = sorted(order[:held]) if split == "test" else sorted(order[held:])
+    return [rows[i] for i in chosen]
 
 
 def _filter(rows: list[dict], settings: DataSettings) -> list[dict]:

@@ -62,6 +62,17 @@ def adapter_label(adapter: Path) -> str:
     return holder.name
 
 
+def run_of_adapter(adapter: Path) -> Path | None:
+    """The run an adapter was trained in (RUN/adapter, or a checkpoint's RUN/checkpoints/step_N/adapter):
+    its recipe holds the prompt and grader the adapter learned with."""
+    holder = Path(os.path.abspath(adapter)).parent  # abspath: "." names the adapter folder; symlinks kept
+    if is_run_dir(holder):
+        return holder
+    if holder.parent.name == CHECKPOINTS and (holder.parent.parent / "recipe.yaml").is_file():
+        return holder.parent.parent
+    return None
+
+
 def resolve_target(
     target: str, adapter: str | None, recipe: str | None, no_adapter: bool, output: Path | None
 ) -> EvalTarget:
@@ -91,8 +102,7 @@ def resolve_target(
             name = f"eval+{adapter_label(chosen)}"
         return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name, source)
     chosen = Path(adapter) if adapter else None
-    # An adapter inside a run directory was trained with that run's prompt and grader.
-    adapter_run = chosen.parent if chosen is not None and is_run_dir(chosen.parent) else None
+    adapter_run = run_of_adapter(chosen) if chosen is not None else None
     if recipe:
         loaded, source = load_recipe(recipe)[0], recipe
     elif adapter_run is not None:

@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import sys
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -127,11 +128,15 @@ def resolve_model_path(name_or_path: str) -> str:
     if not hub_reachable() and not _in_hub_cache(name_or_path):
         from huggingface_hub import constants
 
+        why = "cannot reach the hub to download" if _switched_offline else "HF_HUB_OFFLINE is set, and cannot download"
         raise ModelError(
-            f"cannot reach the hub to download '{name_or_path}', and it is not in the local cache "
-            f"({constants.HF_HUB_CACHE}); download it on a machine with network, or give a local directory"
+            f"{why} '{name_or_path}', and it is not in the local cache ({constants.HF_HUB_CACHE}); "
+            "download it on a machine with network, or give a local directory"
         )
     return name_or_path  # a hub id
+
+
+_switched_offline = False  # set when krpo itself turned offline mode on
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -139,18 +144,24 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
     Without network, huggingface_hub retries every request five times with back-off, so a
     model that is already cached loads after ~50 s of retries and a screen of warnings; one
-    TCP connection tells the same at once. A configured proxy is what gets probed.
+    TCP connection tells the same at once. It goes where the libraries' requests would go:
+    to the proxy that the environment names for the endpoint's scheme, unless NO_PROXY
+    exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe.
     """
+    global _switched_offline
     from huggingface_hub import constants
 
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if constants.HF_HUB_OFFLINE:
         return False
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off"):
+        return True  # the user says the hub is reachable
     endpoint = urlparse(constants.ENDPOINT)
-    proxy = next((os.environ[v] for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(v)), "")
+    proxy = urllib.request.getproxies().get(endpoint.scheme, "")
+    if proxy and urllib.request.proxy_bypass(endpoint.hostname or ""):
+        proxy = ""
     target = urlparse(proxy if "://" in proxy else f"http://{proxy}") if proxy else endpoint
-    default_port = 443 if target.scheme == "https" else 80
     try:
-        socket.create_connection((target.hostname, target.port or default_port), timeout).close()
+        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)), timeout).close()
         return True
     except (OSError, ValueError):
         pass
@@ -158,10 +169,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at each request
     if "datasets.config" in sys.modules:  # datasets copies the flag when imported
         sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
+    _switched_offline = True
     from rich.console import Console
 
     Console(stderr=True).print(
-        f"cannot reach {target.hostname}{' (proxy)' if proxy else ''}: using the local Hugging Face cache only",
+        f"cannot reach {target.hostname}{' (the proxy)' if proxy else ''}: using the local Hugging Face cache only",
         highlight=False,
         markup=False,
     )
@@ -171,7 +183,10 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def _in_hub_cache(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
-    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id (HFValidationError), so not cached either
+        return False
 
 
 def adapter_base(adapter_dir: Path) -> str:

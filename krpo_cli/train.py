@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
@@ -125,9 +126,14 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
     saved_path = run_dir / "recipe.yaml"
     try:
-        saved = flatten(yaml.safe_load(saved_path.read_text(encoding="utf-8")))
+        raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+        saved = flatten(raw)
     except (OSError, yaml.YAMLError, AttributeError):
         raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None
+    try:  # read as krpo reads recipes now: a relative data.path saved by an older krpo is made absolute
+        saved = flatten(Recipe.model_validate(raw).model_dump(mode="json"))
+    except ValidationError:
+        pass  # e.g. a key krpo no longer has: compared as saved, and reported as a difference
     current = flatten(recipe.model_dump(mode="json"))
     # A key the saved recipe lacks was added to krpo after the run started: it ran with the default.
     saved = {key: saved[key] if key in saved else recipe_default(key) for key in set(saved) | set(current)}

@@ -117,4 +117,4 @@ def test_user_text_with_brackets_is_printed_as_written(tmp_path, tiny_model_dir,
     template = "data.prompt_template=[INST] {question} [/INST]"
     result = runner.invoke(app, ["train", str(recipe), template, "--overwrite"])
     assert result.exit_code == 130, result.output
-    assert f"{template} --resume" in result.output
+    assert f"'{template}' --resume" in result.output  # quoted, so that the command can be pasted into a shell

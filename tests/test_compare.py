@@ -1,3 +1,4 @@
+import io
 import json
 import math
 
@@ -145,7 +146,7 @@ def test_same_labels_are_told_apart_by_path(tmp_path):
 
     a = fake_run(tmp_path / "x" / "run", "run", "krpo", [0.1], [0.0], [0.0])
     b = fake_run(tmp_path / "y" / "run", "run", "krpo", [0.2], [0.0], [0.0])
-    result = compare([a, b], tmp_path / "c.png", Smoothing("none"), Console(file=open("/dev/null", "w")))
+    result = compare([a, b], tmp_path / "c.png", Smoothing("none"), Console(file=io.StringIO()))
     assert [r["label"] for r in result["runs"]] == [str(a), str(b)]
 
 
@@ -232,7 +233,7 @@ def test_summary_table_fits_80_columns_with_long_labels(tmp_path):
         fake_run(tmp_path / "a", "arithmetic-normal-qwen-seed3", "dr_grpo", [0.65, 0.81], [0.5, 0.64], [0.0, 0.0012]),
         fake_run(tmp_path / "b", "arithmetic-normal-qwen-seed4", "krpo", [0.25, 0.5], [0.125, 0.72], [0.0, 0.25]),
     ]
-    console = Console(width=80, record=True, file=open("/dev/null", "w"))
+    console = Console(width=80, record=True, file=io.StringIO())
     console.print(summary_table([summarize_run(load_run(run)) for run in runs]))
     text = console.export_text()
     assert "…" not in text

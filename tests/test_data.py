@@ -251,6 +251,11 @@ def test_relative_file_path_is_stored_absolute_and_resumes(tmp_path, monkeypatch
     run_dir.mkdir()
     (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
     check_resumable(run_dir, Recipe.model_validate({"data": {"source": "file", "path": "small.jsonl", "test_split": None, "test_size": 5}}))
+    # A run saved by an older krpo holds the path as typed, and still resumes from the same directory.
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe).replace(recipe.data.path, "small.jsonl"), encoding="utf-8")
+    assert "path: small.jsonl" in (run_dir / "recipe.yaml").read_text(encoding="utf-8")
+    check_resumable(run_dir, recipe)
+    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
     monkeypatch.chdir(elsewhere)  # `krpo eval RUN` from another directory reads the saved recipe
     import yaml
 
@@ -266,3 +271,39 @@ def test_filters_find_a_field_the_first_row_lacks(tmp_path):
     path = write_jsonl(tmp_path / "ragged.jsonl", rows)
     kept = load_rows(file_settings(path, test_size=0, filters={"subject": ["sums"]}), "train")
     assert [r["question"] for r in kept] == ["2+2"]
+
+
+def test_a_hub_split_is_read_row_by_row_and_its_test_split_alone(monkeypatch):
+    import datasets
+
+    from krpo_cli import data
+
+    splits = {
+        "train": datasets.Dataset.from_list([{"q": "1 + 1", "a": "2"}, {"q": "2 + 2", "a": None}]),
+        "test": datasets.Dataset.from_list([{"q": "3 + 3", "a": "6"}]),
+    }
+    loaded = []
+
+    def load_table(settings, split_name):  # stands in for the hub: datasets.Dataset objects, as load_dataset returns
+        loaded.append(split_name)
+        return splits.get(split_name)
+
+    monkeypatch.setattr(data, "_load_table", load_table)
+    settings = DataSettings(source="hub", path="org/set", question_field="q", answer_field="a", answer_format="raw")
+    assert load_rows(settings, "test") == [{"question": "3 + 3", "answer": "6"}]
+    assert loaded == ["test"]  # the train split is not read to evaluate
+    assert load_rows(settings, "train") == [{"question": "1 + 1", "answer": "2"}]  # the row without an answer skipped
+
+
+def test_a_jsonl_file_holding_one_json_array_is_read(tmp_path):
+    path = tmp_path / "array.jsonl"
+    path.write_text(json.dumps([{"question": "1 + 1", "answer": 2}, {"question": "2 + 2", "answer": 4}], indent=1))
+    rows = load_rows(file_settings(path, test_size=0, answer_format="raw"), "train")
+    assert [r["answer"] for r in rows] == ["2", "4"]
+
+
+def test_half_the_rows_may_be_held_out_whatever_their_parity(tmp_path):
+    for total in (7, 9, 30):
+        path = write_jsonl(tmp_path / f"rows{total}.jsonl", [{"question": f"{i} + 0", "answer": str(i)} for i in range(total)])
+        test = load_rows(file_settings(path, test_size=0.5, answer_format="raw"), "test")
+        assert len(test) == round(total / 2)

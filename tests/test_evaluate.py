@@ -165,6 +165,12 @@ def test_adapter_of_a_run_is_evaluated_with_the_run_recipe(tmp_path, tiny_model_
     assert chosen.recipe.data.prompt_template == "Q1 asks: {question}"
     assert chosen.recipe.reward.grader == "last_number"  # the default recipe's grader is answer_tags
     assert chosen.recipe_source == str(q1 / "recipe.yaml")
+    checkpoint_adapter = q1 / "checkpoints" / "step_000002" / "adapter"
+    checkpoint_adapter.mkdir(parents=True)
+    (checkpoint_adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    from_checkpoint = resolve_target("m", str(checkpoint_adapter), None, False, None)
+    assert from_checkpoint.recipe.data.prompt_template == "Q1 asks: {question}"
+    assert from_checkpoint.output_dir.name == "m+q1-step_000002"
     # --recipe still wins; an adapter outside a run gets the default recipe.
     other = write_recipe(tmp_path / "other.yaml", tiny_recipe(tiny_model_dir, tmp_path, reward={"grader": "numeric"}))
     assert resolve_target("m", str(q1 / "adapter"), str(other), False, None).recipe.reward.grader == "numeric"

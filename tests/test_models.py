@@ -53,9 +53,10 @@ def hub_online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(models, "_switched_offline", False)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        monkeypatch.setenv(name, "0")
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "")  # unset, as far as the libraries can tell; restored afterwards
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
     probes = {"addresses": [], "refuse": False}
 
@@ -121,23 +122,52 @@ def test_a_reachable_hub_is_left_to_the_libraries(hub_online, hub_cache, monkeyp
     from huggingface_hub import constants
 
     assert resolve_model_path("org/not-cached-yet") == "org/not-cached-yet"  # downloaded when loaded
-    monkeypatch.setattr(constants, "ENDPOINT", "http://mirror.example:8080")
-    assert models.hub_reachable()
-    monkeypatch.setenv("HTTPS_PROXY", "proxy.example:3128")
-    assert models.hub_reachable()
-    assert hub_online["addresses"] == [("huggingface.co", 443), ("mirror.example", 8080), ("proxy.example", 3128)]
+    assert hub_online["addresses"] == [("huggingface.co", 443)]
     assert not constants.HF_HUB_OFFLINE
 
 
-def test_offline_mode_set_by_the_user_probes_nothing(hub_online, monkeypatch):
+@pytest.mark.parametrize(
+    "endpoint, proxies, probed",
+    [
+        ("https://huggingface.co", {"HTTPS_PROXY": "proxy.example:3128"}, ("proxy.example", 3128)),
+        ("https://huggingface.co", {"https_proxy": "http://good.example:1", "HTTPS_PROXY": "http://dead.example:2"}, ("good.example", 1)),
+        ("https://huggingface.co", {"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "huggingface.co"}, ("huggingface.co", 443)),
+        ("http://mirror.example:8080", {"HTTPS_PROXY": "http://proxy.example:3128"}, ("mirror.example", 8080)),  # http: no https proxy
+        ("http://mirror.example:8080", {"HTTP_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+    ],
+)
+def test_the_probe_goes_where_the_libraries_requests_would(hub_online, monkeypatch, endpoint, proxies, probed):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    for name, value in proxies.items():
+        monkeypatch.setenv(name, value)
+    assert models.hub_reachable()
+    assert hub_online["addresses"] == [probed]
+
+
+def test_offline_mode_set_by_the_user_probes_nothing(hub_online, hub_cache, monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert not models.hub_reachable()
+    with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, and cannot download 'org/missing'"):
+        resolve_model_path("org/missing")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert not models.hub_reachable()
-    assert hub_online["addresses"] == []
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user says the hub is reachable
+    hub_online["refuse"] = True
+    assert models.hub_reachable()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # datasets only: models are still downloaded
+    hub_online["refuse"] = False
+    assert models.hub_reachable()
+    assert hub_online["addresses"] == [("huggingface.co", 443)]
+
+
+def test_an_invalid_hub_id_offline_is_a_clear_error(hub_online, hub_cache):
+    hub_online["refuse"] = True
+    with pytest.raises(ModelError, match="cannot reach the hub to download 'bad--name'"):
+        resolve_model_path("bad--name")
 
 
 def test_saving_an_adapter_asks_the_hub_nothing(tiny_model_dir, tmp_path, monkeypatch):
