@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import json
 import math
 import os
@@ -330,6 +331,9 @@ def load_rows(settings: DataSettings, split: str = "train") -> list[dict]:
     if split == "train" and settings.max_samples is not None:
         rows = rows[: settings.max_samples]
     if not rows:
+        single_split = settings.source == "file" or (settings.source == "hub" and not settings.test_split)
+        if split == "test" and single_split and settings.test_size == 0:  # nothing held out, yet evaluated
+            raise DataError("no test rows: data.test_size is 0; hold some out (e.g. data.test_size=0.1) or set eval.every=0")
         raise DataError(f"the {split} split of the dataset is empty (after filters)")
     return rows
 
@@ -369,6 +373,11 @@ def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def rows_digest(rows: list[dict]) -> str:
+    """A sha256 of the rows, in order: whether a resumed run reads the data its checkpoint was made on."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()
 
 
 class PromptSampler:

@@ -43,7 +43,7 @@ from krpo_cli.checkpoint import (
     set_rng_state,
 )
 from krpo_cli.config import Recipe, RecipeError, TrainSettings, recipe_to_yaml
-from krpo_cli.data import PromptSampler, build_prompt, load_rows
+from krpo_cli.data import PromptSampler, build_prompt, load_rows, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
 from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
@@ -345,6 +345,7 @@ def train(
     warmup = opt.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     sampler = PromptSampler(rows, cfg.run.seed)
+    data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
     kalman = alg.kalman.model_dump(exclude={"scope"})
     baselines = PromptBaselines() if alg.kalman.scope == "prompt" else None
@@ -354,6 +355,11 @@ def train(
     first_step = 1
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        if state.get("data_digest", data_digest) != data_digest:  # checkpoints before the digest have none
+            raise CheckpointError(
+                f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
+                "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
+            )
         sampler.load_state(state["sampler"])
         shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])
@@ -375,7 +381,7 @@ def train(
     consecutive_skips = 0
 
     def checkpoint_now(step: int) -> Path:
-        trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state()}
+        trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state(), "data_digest": data_digest}
         if baselines is not None:
             trainer_state["prompt_baselines"] = baselines.state()
         trainer_state.update(dist.gather_rng_states())  # every rank's own sampling RNG (distributed only)

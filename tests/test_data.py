@@ -307,3 +307,9 @@ def test_half_the_rows_may_be_held_out_whatever_their_parity(tmp_path):
         path = write_jsonl(tmp_path / f"rows{total}.jsonl", [{"question": f"{i} + 0", "answer": str(i)} for i in range(total)])
         test = load_rows(file_settings(path, test_size=0.5, answer_format="raw"), "test")
         assert len(test) == round(total / 2)
+
+
+def test_no_held_out_rows_names_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "rows.jsonl", GSM8K_ROWS)
+    with pytest.raises(DataError, match=r"no test rows: data.test_size is 0; .* or set eval.every=0"):
+        load_rows(file_settings(path, test_size=0), "test")

@@ -216,3 +216,18 @@ def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
     (run_dir / "metrics.jsonl").write_text("")
     with pytest.raises(CheckpointError, match="no checkpoint to resume.*--overwrite"):
         train_module.find_resume_checkpoint(run_dir, True)  # a run that never saved one
+
+
+def test_a_resume_on_changed_data_is_refused(tmp_path, tiny_model_dir):
+    # The checkpoint's prompt order indexes the rows it was made on; other rows would silently be other prompts.
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(f'{{"question": "{i} + 1", "answer": "{i + 1}"}}\n' for i in range(8)), encoding="utf-8")
+    settings = {"source": "file", "path": str(data), "test_size": 0}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}, data=settings))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    same = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])
+    assert same.exit_code == 0, same.output
+    with data.open("a", encoding="utf-8") as f:
+        f.write('{"question": "9 + 1", "answer": "10"}\n')
+    changed = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=3"])
+    assert changed.exit_code == 2 and "the training data differs from the data of the checkpoint" in changed.output
