@@ -221,7 +221,7 @@ def merge_command(
         str, typer.Option("--nf4-round-trip", help="auto (on when training used NF4), on, off.")
     ] = "auto",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check merged logits against base + adapter.")] = True,
-    tolerance: Annotated[float, typer.Option(help="Largest allowed |Δlogit| of the float32 merge.")] = 1e-3,
+    tolerance: Annotated[float, typer.Option(min=0.0, help="Largest allowed |Δlogit| of the float32 merge.")] = 1e-3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
 ) -> None:
     """Merge an adapter into a full-precision copy of its base and save a standalone model."""

@@ -236,6 +236,15 @@ class GenerationSettings(_Strict):
         "or auto (krpo's on CPU where supported, else generate).",
     )
 
+    @model_validator(mode="after")
+    def _lengths(self) -> "GenerationSettings":
+        if self.min_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(
+                f"generation.min_new_tokens ({self.min_new_tokens}) is larger than generation.max_new_tokens "
+                f"({self.max_new_tokens})"
+            )
+        return self
+
 
 class TrainSettings(_Strict):
     steps: int = Field(100, ge=1, description="Rollout/update steps.")
@@ -274,7 +283,9 @@ class EvalSettings(_Strict):
 
 
 class OutputSettings(_Strict):
-    samples_per_step: int = Field(4, ge=0, description="Completions per step written to samples.jsonl.")
+    samples_per_step: int = Field(
+        4, ge=0, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
+    )
     save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps (and after the last step).")
     keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
     log_to: list[Literal["tensorboard", "wandb"]] = Field(

@@ -72,8 +72,16 @@ def plain_lora(layer) -> bool:
     return True
 
 
-def dense_weight(layer) -> torch.Tensor:
-    """The weight a (possibly LoRA-wrapped, possibly 4-bit) linear layer applies, as a dense tensor."""
+def adapters(layer) -> list[str]:
+    """The LoRA adapters a layer applies (none if it has none, or they are switched off)."""
+    if not hasattr(layer, "lora_A") or layer.disable_adapters:
+        return []
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def dense_weight(layer, merge: bool = True) -> torch.Tensor:
+    """The weight a (possibly LoRA-wrapped, possibly 4-bit) linear layer applies, as a dense tensor;
+    with `merge=False` its base weight alone."""
     base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
     weight = base.weight
     if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
@@ -81,12 +89,29 @@ def dense_weight(layer) -> torch.Tensor:
 
         weight = bnbf.dequantize_4bit(weight.data, weight.quant_state)
     weight = weight.detach()
-    if hasattr(layer, "lora_A") and not layer.disable_adapters:
+    names = adapters(layer) if merge else []
+    if names:
         weight = weight.clone()
-        for name in layer.active_adapters:
-            if name in layer.lora_A:
-                weight += layer.get_delta_weight(name).to(weight.dtype)
+        for name in names:
+            weight += layer.get_delta_weight(name).to(weight.dtype)
     return weight
+
+
+def low_rank_factors(layers, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The adapters of `layers` as one pair (down, up): x·downᵀ·upᵀ is every layer's s·x·Aᵀ·Bᵀ,
+    concatenated as the fused outputs are; `up` is block-diagonal. None if no layer has one."""
+    blocks = [(i, layer, name) for i, layer in enumerate(layers) for name in adapters(layer)]
+    if not blocks:
+        return None
+    downs = [layer.lora_A[name].weight.detach() * layer.scaling[name] for _, layer, name in blocks]
+    first = layers[blocks[0][0]].lora_B[blocks[0][2]].weight
+    up = torch.zeros(sum(sizes), sum(d.shape[0] for d in downs), dtype=first.dtype, device=first.device)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    column = 0
+    for (i, layer, name), down in zip(blocks, downs):
+        up[offsets[i] : offsets[i] + sizes[i], column : column + down.shape[0]] = layer.lora_B[name].weight.detach()
+        column += down.shape[0]
+    return torch.cat(downs).to(first.dtype), up
 
 
 def dense_bias(layer) -> torch.Tensor | None:
@@ -95,12 +120,21 @@ def dense_bias(layer) -> torch.Tensor | None:
 
 
 class FusedLinear:
-    """y = x·Wᵀ + b for several layers at once (their outputs concatenated along the last dim)."""
+    """y = x·Wᵀ + b for several layers at once (their outputs concatenated along the last dim).
+
+    In float32 a LoRA adapter is merged into the private weight. In bf16/fp16 it is not: a weight
+    change below half a unit of the last place rounds back to the base weight (after a few steps
+    most of an adapter's changes are that small), so the samples would come from nearly the base
+    model. There the adapter is applied as the loss's forward applies it (`adapted_linear`):
+    base output + s·x·Aᵀ·Bᵀ in the adapter's precision, rounded once.
+    """
 
     def __init__(self, layers, dtype: torch.dtype, pack: bool, rows_hint: int):
-        weights = [dense_weight(layer).to(dtype) for layer in layers]
+        merge = dtype == torch.float32
+        weights = [dense_weight(layer, merge).to(dtype) for layer in layers]
         biases = [dense_bias(layer) for layer in layers]
         self.sizes = [w.shape[0] for w in weights]
+        self.low_rank = None if merge else low_rank_factors(layers, self.sizes)
         self.bias = None
         if any(b is not None for b in biases):
             zeros = [torch.zeros(w.shape[0], dtype=dtype, device=w.device) for w in weights]
@@ -111,10 +145,14 @@ class FusedLinear:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint) if pack else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.packed is None:
+            out = F.linear(flat, self.weight, self.bias)
+        else:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self.low_rank is not None:
+            down, up = self.low_rank
+            out = torch.addmm(out.to(down.dtype), F.linear(flat.to(down.dtype), down), up.T).to(x.dtype)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -141,7 +179,7 @@ def adapted_linear(layer, x: torch.Tensor) -> torch.Tensor:
     """
     if not hasattr(layer, "lora_A") or layer.disable_adapters or not plain_lora(layer):
         return layer(x)
-    names = [name for name in layer.active_adapters if name in layer.lora_A]
+    names = adapters(layer)
     if layer.training and any(getattr(layer.lora_dropout[name], "p", 0.0) > 0 for name in names):
         return layer(x)
     result = layer.base_layer(x)

@@ -394,6 +394,7 @@ def train(
     with StepProgress(console, opt.steps, first_step - 1) as progress, StopRequest(console) as stop:
         for step in range(first_step, opt.steps + 1):
             step_started = time.perf_counter()
+            step_lr = scheduler.get_last_lr()[0]  # the rate of the step's first update: logged as "lr"
 
             # ROLLOUT: one batched generation for all prompts × G samples (this rank's share of whole prompts).
             global_rows = sampler.next_batch(opt.prompts_per_step)
@@ -527,7 +528,7 @@ def train(
                 "rollout_seconds": rollout_seconds,
                 "update_seconds": now - update_started,
                 "step_seconds": now - step_started,
-                "lr": scheduler.get_last_lr()[0],
+                "lr": step_lr,
             }
             if dist.is_main and eval_rows and (step % cfg.eval.every == 0 or step == opt.steps):
                 # The same evaluation as `krpo eval`, on a fixed held-out subset (greedy: no RNG draws).

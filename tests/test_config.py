@@ -132,3 +132,8 @@ def test_grader_names_and_user_specs(tmp_path):
     assert load_recipe("quickstart", ["reward.grader=my_pkg.graders:score"])[0].reward.grader == "my_pkg.graders:score"
     err = recipe_error(tmp_path, {"reward": {"grader": "answer_tag"}})
     assert "did you mean 'answer_tags'" in err.problems[0] and "reward.grader" in err.problems[0]
+
+
+def test_min_new_tokens_above_max_new_tokens_is_refused():
+    with pytest.raises(RecipeError, match=r"generation.min_new_tokens \(20\) is larger than generation.max_new_tokens \(16\)"):
+        load_recipe("quickstart", ["generation.min_new_tokens=20"])

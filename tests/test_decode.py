@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
@@ -127,6 +128,25 @@ def lora_layer(dropout: float):
     layer = wrapped.base_model.model.proj
     torch.nn.init.normal_(layer.lora_B["default"].weight)  # B starts at zero: make the adapter matter
     return wrapped, layer
+
+
+def test_in_bfloat16_the_decoder_applies_the_adapter_as_the_loss_does():
+    """Merged into a bf16 weight, an adapter's changes below half a bf16 step round back to the base
+    weight, and samples came from another policy than the one the loss scores. Unmerged, the
+    decoder's product is the loss's forward (`adapted_linear`) exactly."""
+    _, layer = lora_layer(dropout=0.0)
+    layer.base_layer.to(torch.bfloat16)  # a bf16 base with a float32 adapter, as PEFT makes them
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=3e-4)  # an adapter after a few small steps
+    merged = decode.dense_weight(layer).to(torch.bfloat16)
+    assert (merged == layer.base_layer.weight).float().mean() > 0.5  # most of the merged changes round away
+    x = torch.randn(64, 6).to(torch.bfloat16)
+    fused = decode.FusedLinear([layer], torch.bfloat16, pack=False, rows_hint=64)
+    with torch.no_grad():
+        expected = decode.adapted_linear(layer, x)
+        assert torch.equal(fused(x), expected)
+        assert not torch.equal(F.linear(x, merged, layer.base_layer.bias), expected)
+    float32 = decode.FusedLinear([layer.float()], torch.float32, pack=False, rows_hint=4)
+    assert float32.low_rank is None  # in float32 a merge keeps the adapter, and costs nothing per token
 
 
 def test_adapted_linear_equals_the_lora_layer_in_values_and_gradients():

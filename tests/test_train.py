@@ -132,3 +132,11 @@ def test_8bit_adamw_keeps_8bit_state_that_survives_a_weights_only_round_trip(tmp
     run(param, optimizer, 3)
     run(copy, restored, 3)
     assert torch.equal(param, copy)
+
+
+def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path, tiny_model_dir, captured):
+    # Linear warm-up over 4 updates, one update a step (minibatch = rollout): step s updates with s/4
+    # of the rate (it logged the next step's).
+    train = {"steps": 2, "prompts_per_step": 2, "minibatch_size": 8, "learning_rate": 1e-4, "warmup_steps": 4}
+    run_dir = train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, train=train)))
+    assert [m["lr"] for m in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx([2.5e-5, 5e-5])
