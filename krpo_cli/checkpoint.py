@@ -66,11 +66,13 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
 
 
-def checkpoint_step(path: Path) -> int:
-    """The number of steps done when the checkpoint was written (its step.json)."""
+def checkpoint_summary(path: Path) -> dict:
+    """A checkpoint's step.json: "step" (steps done) and "data_digest" (of the training rows), read
+    before any weights so that a resume that cannot work is refused before the model loads."""
     try:
-        return int(json.loads((path / "step.json").read_text(encoding="utf-8"))["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        summary = json.loads((path / "step.json").read_text(encoding="utf-8"))
+        return {"step": int(summary["step"]), "data_digest": summary.get("data_digest")}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"checkpoint '{path}' has no readable step.json; resume from another one with --resume-from PATH") from None
 
 
@@ -94,7 +96,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
         staging / "trainer_state.pt",
     )
-    (staging / "step.json").write_text(json.dumps({"step": step}) + "\n", encoding="utf-8")
+    summary = {"step": step, "data_digest": trainer_state.get("data_digest")}
+    (staging / "step.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
     _fsync_tree(staging)
     if final.exists():
         shutil.rmtree(final)

@@ -232,7 +232,7 @@ class GenerationSettings(_Strict):
     )
     engine: Literal["auto", "krpo", "transformers"] = Field(
         "auto",
-        description="Decoder: krpo's own (merged LoRA, static KV cache; Llama/Mistral/Qwen2/Qwen3), HF generate, "
+        description="Decoder: krpo's own (fused projections, static KV cache; Llama/Mistral/Qwen2/Qwen3), HF generate, "
         "or auto (krpo's on CPU where supported, else generate).",
     )
 

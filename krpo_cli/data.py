@@ -275,7 +275,8 @@ def _held_out_count(test_size: float, total: int, where: str) -> int:
     count (openmath's 500) pointed at a small local file would otherwise train on one row.
     """
     held = min(int(test_size) if test_size >= 1 else round(test_size * total), total)
-    at_most = (total + 1) // 2  # half, rounded up: test_size=0.5 of 7 rows holds out round(3.5) = 4
+    # Half, rounded up (test_size=0.5 of 7 rows holds out round(3.5) = 4), and never every row.
+    at_most = min((total + 1) // 2, total - 1)
     if held > at_most:
         raise DataError(
             f"data.test_size={test_size:g} would hold out {held} of the {total} rows of {where}, leaving "
@@ -377,7 +378,10 @@ def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:
 
 def rows_digest(rows: list[dict]) -> str:
     """A sha256 of the rows, in order: whether a resumed run reads the data its checkpoint was made on."""
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8")).hexdigest()
+    digest = hashlib.sha256()
+    for row in rows:  # row by row: no one string the size of the dataset; ASCII escapes encode any text
+        digest.update(json.dumps(row, sort_keys=True, default=str).encode("ascii") + b"\n")
+    return digest.hexdigest()
 
 
 class PromptSampler:

@@ -1,11 +1,12 @@
-"""krpo's own sampler for Llama-family models: merged LoRA, fused projections, a static KV cache.
+"""krpo's own sampler for Llama-family models: LoRA folded in, fused projections, a static KV cache.
 
 HF `generate` runs every LoRA layer as base + B·A on each token, grows its KV cache by
 concatenation and, on a CPU, multiplies a handful of rows by each weight with a kernel
 made for big matrices. A decode step is dominated by reading the weights, so this sampler
 instead, once per rollout:
 
-- merges each adapter into a private copy of its weight (W + s·B·A; the model is untouched),
+- in float32 merges each adapter into a private copy of its weight (W + s·B·A; the model is
+  untouched); in bf16/fp16 applies it beside the weights as the loss's forward does (`FusedLinear`),
 - fuses q/k/v and gate/up into one matrix each (fewer, larger products),
 - on a CPU with oneDNN, re-lays each matrix out for oneDNN's small-batch kernel,
 
@@ -14,7 +15,7 @@ what the model's own modules compute (in float32 the norms run fused and the rot
 fewer ops, both bit-identical), so the arithmetic is the model's up to float rounding.
 Sampling follows `generate`: min-new-tokens, then temperature, top-k, top-p; finished rows
 emit padding.
-Architectures other than `SUPPORTED` (or adapters this cannot merge) use HF `generate`.
+Architectures other than `SUPPORTED` (or adapters other than plain LoRA) use HF `generate`.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def architecture_supported(model) -> bool:
 
 
 def engine_supports(model) -> bool:
-    """True when `model` (plain or PEFT-wrapped) can be decoded here: its LoRA folds into its weights."""
+    """True when `model` (plain or PEFT-wrapped) can be decoded here: a supported architecture, plain LoRA."""
     if not architecture_supported(model):
         return False
     base = unwrap(model)
@@ -97,21 +98,24 @@ def dense_weight(layer, merge: bool = True) -> torch.Tensor:
     return weight
 
 
-def low_rank_factors(layers, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The adapters of `layers` as one pair (down, up): x·downᵀ·upᵀ is every layer's s·x·Aᵀ·Bᵀ,
-    concatenated as the fused outputs are; `up` is block-diagonal. None if no layer has one."""
+def low_rank_factors(layers, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The adapters of `layers` as (down, scales, up): (x·downᵀ)·scales·upᵀ is every layer's
+    s·x·Aᵀ·Bᵀ, concatenated as the fused outputs are; `up` is block-diagonal. None if no layer has one."""
     blocks = [(i, layer, name) for i, layer in enumerate(layers) for name in adapters(layer)]
     if not blocks:
         return None
-    downs = [layer.lora_A[name].weight.detach() * layer.scaling[name] for _, layer, name in blocks]
     first = layers[blocks[0][0]].lora_B[blocks[0][2]].weight
-    up = torch.zeros(sum(sizes), sum(d.shape[0] for d in downs), dtype=first.dtype, device=first.device)
+    downs = [layer.lora_A[name].weight.detach().to(first.dtype) for _, layer, name in blocks]
+    # Scaling after the product, as adapted_linear scales: folded into A it rounds differently.
+    scales = torch.cat([torch.full((d.shape[0],), float(layer.scaling[name]), dtype=first.dtype, device=first.device)
+                        for (_, layer, name), d in zip(blocks, downs)])
+    up = torch.zeros(sum(sizes), len(scales), dtype=first.dtype, device=first.device)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     column = 0
     for (i, layer, name), down in zip(blocks, downs):
         up[offsets[i] : offsets[i] + sizes[i], column : column + down.shape[0]] = layer.lora_B[name].weight.detach()
         column += down.shape[0]
-    return torch.cat(downs).to(first.dtype), up
+    return torch.cat(downs), scales, up
 
 
 def dense_bias(layer) -> torch.Tensor | None:
@@ -151,8 +155,9 @@ class FusedLinear:
         else:
             out = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         if self.low_rank is not None:
-            down, up = self.low_rank
-            out = torch.addmm(out.to(down.dtype), F.linear(flat.to(down.dtype), down), up.T).to(x.dtype)
+            down, scales, up = self.low_rank
+            low = F.linear(flat.to(down.dtype), down) * scales
+            out = out.to(down.dtype).addmm_(low, up.T).to(x.dtype)  # in place: one wide buffer, not two
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -202,7 +207,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 class DecoderWeights:
     """Per-layer projections of a Llama-family model.
 
-    `fused=True` (sampling): merged, fused and packed private copies, built once per rollout.
+    `fused=True` (sampling): fused and packed private copies (the adapter merged in float32), built once per rollout.
     `fused=False` (log-probs for the loss): the model's own layers, so gradients reach the adapter.
     """
 

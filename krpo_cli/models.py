@@ -156,7 +156,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off"):
         return True  # the user says the hub is reachable
     endpoint = urlparse(constants.ENDPOINT)
-    proxy = urllib.request.getproxies().get(endpoint.scheme, "")
+    proxies = urllib.request.getproxies()  # ALL_PROXY appears as "all", which httpx also honours
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all", "")
     if proxy and urllib.request.proxy_bypass(endpoint.hostname or ""):
         proxy = ""
     target = urlparse(proxy if "://" in proxy else f"http://{proxy}") if proxy else endpoint

@@ -35,7 +35,7 @@ from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import (
     CHECKPOINTS,
     CheckpointError,
-    checkpoint_step,
+    checkpoint_summary,
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
@@ -303,7 +303,7 @@ def train(
     if resume:
         checkpoint = find_resume_checkpoint(run_dir, resume)
         check_resumable(run_dir, recipe)
-        done = checkpoint_step(checkpoint)
+        done = checkpoint_summary(checkpoint)["step"]
         if done > opt.steps:
             raise CheckpointError(
                 f"the checkpoint '{checkpoint}' is at step {done}, past train.steps={opt.steps}; "
@@ -315,6 +315,12 @@ def train(
     check_logging_backends(cfg.output.log_to)
     check_optimizer(opt.optimizer)
     rows = load_rows(cfg.data, "train")
+    data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
+    if checkpoint is not None and checkpoint_summary(checkpoint)["data_digest"] not in (None, data_digest):
+        raise CheckpointError(  # None: a checkpoint from before the digest was kept
+            f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
+            "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
+        )
     eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
     grader = get_grader(cfg.reward.grader)
     loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
@@ -345,7 +351,6 @@ def train(
     warmup = opt.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     sampler = PromptSampler(rows, cfg.run.seed)
-    data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
     shuffle = torch.Generator().manual_seed(cfg.run.seed)
     kalman = alg.kalman.model_dump(exclude={"scope"})
     baselines = PromptBaselines() if alg.kalman.scope == "prompt" else None
@@ -355,11 +360,6 @@ def train(
     first_step = 1
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        if state.get("data_digest", data_digest) != data_digest:  # checkpoints before the digest have none
-            raise CheckpointError(
-                f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
-                "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
-            )
         sampler.load_state(state["sampler"])
         shuffle.set_state(state["shuffle"])
         set_rng_state(state["rng"])

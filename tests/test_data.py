@@ -313,3 +313,18 @@ def test_no_held_out_rows_names_the_setting(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", GSM8K_ROWS)
     with pytest.raises(DataError, match=r"no test rows: data.test_size is 0; .* or set eval.every=0"):
         load_rows(file_settings(path, test_size=0), "test")
+
+
+def test_the_rows_digest_follows_content_and_order_and_takes_any_text():
+    from krpo_cli.data import rows_digest
+
+    rows = [{"question": "1 + 1", "answer": "2"}, {"question": "lone surrogate \ud83d", "answer": "3", "level": 2}]
+    assert rows_digest(rows) == rows_digest([dict(reversed(list(r.items()))) for r in rows])  # key order aside
+    assert rows_digest(rows) != rows_digest(rows[::-1])
+    assert rows_digest(rows) != rows_digest([rows[0], {**rows[1], "answer": "4"}])
+
+
+def test_a_hold_out_never_takes_every_row(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", [{"question": "1 + 0", "answer": "1"}])
+    with pytest.raises(DataError, match="would hold out 1 of the 1 rows .* at most 0"):
+        load_rows(file_settings(path, test_size=1, answer_format="raw"), "train")

@@ -149,6 +149,30 @@ def test_in_bfloat16_the_decoder_applies_the_adapter_as_the_loss_does():
     assert float32.low_rank is None  # in float32 a merge keeps the adapter, and costs nothing per token
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_fused_group_applies_each_layers_adapter_to_its_own_outputs(dtype):
+    """q/k/v fused, biases (Qwen2), an adapter on q and v only, scaling not a power of two: each
+    output equals the loss's forward of its own layer."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).to(dtype)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    attn = model.base_model.model.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.v_proj):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    fused = decode.FusedLinear(layers, dtype, pack=False, rows_hint=8)
+    x = torch.randn(8, 32).to(dtype)
+    with torch.no_grad():
+        ours = fused.outputs(x)
+        theirs = [decode.adapted_linear(layer, x) for layer in layers]
+        assert [o.shape for o in ours] == [t.shape for t in theirs]
+        for o, t in zip(ours, theirs):  # equal here; a CPU whose kernels sum a wider product otherwise may differ by an ulp
+            torch.testing.assert_close(o, t, rtol=2**-7, atol=2**-9)
+        assert not torch.equal(theirs[0], attn.q_proj.base_layer(x))  # the adapter matters
+
+
 def test_adapted_linear_equals_the_lora_layer_in_values_and_gradients():
     """The folded LoRA product gives PEFT's output and the same gradients for A, B and the input."""
     _, layer = lora_layer(dropout=0.0)

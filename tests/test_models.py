@@ -134,6 +134,7 @@ def test_a_reachable_hub_is_left_to_the_libraries(hub_online, hub_cache, monkeyp
         ("https://huggingface.co", {"HTTPS_PROXY": "http://proxy.example:3128", "NO_PROXY": "huggingface.co"}, ("huggingface.co", 443)),
         ("http://mirror.example:8080", {"HTTPS_PROXY": "http://proxy.example:3128"}, ("mirror.example", 8080)),  # http: no https proxy
         ("http://mirror.example:8080", {"HTTP_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
+        ("https://huggingface.co", {"ALL_PROXY": "http://proxy.example:3128"}, ("proxy.example", 3128)),
     ],
 )
 def test_the_probe_goes_where_the_libraries_requests_would(hub_online, monkeypatch, endpoint, proxies, probed):
