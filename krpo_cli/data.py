@@ -271,7 +271,7 @@ def _rows(records: Sequence[dict], settings: DataSettings, where: str) -> list[d
 def _held_out_count(test_size: float, total: int, where: str) -> int:
     """How many of `total` rows `data.test_size` holds out (a fraction below 1, else a count).
 
-    Refused when that would leave fewer rows to train on than to test on: a hub recipe's
+    Refused above half the rows (rounded up) or at all of them: a hub recipe's
     count (openmath's 500) pointed at a small local file would otherwise train on one row.
     """
     held = min(int(test_size) if test_size >= 1 else round(test_size * total), total)

@@ -145,8 +145,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     Without network, huggingface_hub retries every request five times with back-off, so a
     model that is already cached loads after ~50 s of retries and a screen of warnings; one
     TCP connection tells the same at once. It goes where the libraries' requests would go:
-    to the proxy that the environment names for the endpoint's scheme, unless NO_PROXY
-    exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe.
+    to the proxy that the environment names for the endpoint's scheme (or ALL_PROXY), unless
+    NO_PROXY exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe.
     """
     global _switched_offline
     from huggingface_hub import constants

@@ -317,7 +317,7 @@ def train(
     rows = load_rows(cfg.data, "train")
     data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
     if checkpoint is not None and checkpoint_summary(checkpoint)["data_digest"] not in (None, data_digest):
-        raise CheckpointError(  # None: a checkpoint from before the digest was kept
+        raise CheckpointError(  # (a checkpoint written before krpo kept the digest has None: not checked)
             f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
             "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
         )
