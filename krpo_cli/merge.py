@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
-from krpo_cli.evaluate import RECIPE_IN_MODEL_DIR, is_run_dir, load_adapter
+from krpo_cli.evaluate import RECIPE_IN_MODEL_DIR, is_run_dir, load_adapter, run_of_adapter
 from krpo_cli.models import (
     ModelError,
     load_base_model,
@@ -50,8 +50,7 @@ def find_adapter(source: Path) -> tuple[Path, Path | None]:
     if is_run_dir(source):
         return source / "adapter", source
     if (source / "adapter_config.json").is_file():
-        parent = source.parent
-        return source, parent if is_run_dir(parent) else None
+        return source, run_of_adapter(source)  # RUN/adapter, or a checkpoint's: its recipe and run_info
     raise MergeError(f"'{source}' is neither a run directory (recipe.yaml + adapter/) nor a PEFT adapter directory")
 
 

@@ -303,7 +303,8 @@ def train(
     if resume:
         checkpoint = find_resume_checkpoint(run_dir, resume)
         check_resumable(run_dir, recipe)
-        done = checkpoint_summary(checkpoint)["step"]
+        summary = checkpoint_summary(checkpoint)
+        done = summary["step"]
         if done > opt.steps:
             raise CheckpointError(
                 f"the checkpoint '{checkpoint}' is at step {done}, past train.steps={opt.steps}; "
@@ -316,7 +317,7 @@ def train(
     check_optimizer(opt.optimizer)
     rows = load_rows(cfg.data, "train")
     data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
-    if checkpoint is not None and checkpoint_summary(checkpoint)["data_digest"] not in (None, data_digest):
+    if checkpoint is not None and summary["data_digest"] not in (None, data_digest):
         raise CheckpointError(  # (a checkpoint written before krpo kept the digest has None: not checked)
             f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
             "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"

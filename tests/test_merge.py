@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from krpo_cli.cli import app
-from conftest import build_tiny_model, make_adapter
+from conftest import build_tiny_model, make_adapter, tiny_recipe, write_recipe
 
 runner = CliRunner()
 IDS = torch.tensor([[5, 9, 14, 20, 33, 41, 7]])
@@ -86,3 +86,21 @@ def test_merge_refuses_to_write_over_its_input(tmp_path, adapter_dir):
     result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(adapter_dir.parent), "--overwrite"])
     assert result.exit_code == 2 and "would overwrite" in result.output
     assert (adapter_dir / "adapter_config.json").is_file()
+
+
+def test_a_checkpoints_adapter_is_merged_with_its_runs_recipe(tmp_path, tiny_model_dir):
+    from krpo_cli.merge import find_adapter
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    write_recipe(run / "recipe.yaml", tiny_recipe(tiny_model_dir, tmp_path))
+    checkpoint_adapter = run / "checkpoints" / "step_000002" / "adapter"
+    checkpoint_adapter.mkdir(parents=True)
+    (checkpoint_adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert find_adapter(run) == (run / "adapter", run)
+    adapter, found_run = find_adapter(checkpoint_adapter)
+    assert adapter == checkpoint_adapter and found_run == run  # the recipe and run_info it was trained with
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    (loose / "adapter_config.json").write_text("{}", encoding="utf-8")
+    assert find_adapter(loose) == (loose, None)
