@@ -73,7 +73,6 @@ CASES = {
     "model path missing": lambda w: (["train", recipe_file(w, "mp", model={"name_or_path": str(w["root"] / "no-model")})], "does not exist"),
     "model dir without config": lambda w: (["train", recipe_file(w, "mc", model={"name_or_path": str(w["root"] / "no-config")})], "no config.json"),
     "corrupt safetensors": lambda w: (["train", recipe_file(w, "cs", model={"name_or_path": str(w["root"] / "corrupt-model")})], "cannot load model"),
-    "nf4 on cpu": lambda w: (["train", recipe_file(w, "q", model={"quantization": "nf4"})], "nf4 needs a CUDA GPU"),
     "unwritable output dir": lambda w: (["train", recipe_file(w, "o", run={"output_dir": str(w["root"] / "a_file" / "runs")})], "cannot write the run directory"),
     "missing user grader": lambda w: (["train", recipe_file(w, "ug", reward={"grader": "nowhere_pkg.mod:grade"})], "nowhere_pkg.mod"),
     "run dir not empty": lambda w: (["train", str(w["run_recipe"])], "--overwrite"),
