@@ -149,21 +149,43 @@ def validate(
 
 @app.command()
 def recipes(
+    dest: Annotated[
+        Optional[str], typer.Argument(help="With --copy: the file (or folder) to write; default ./NAME.yaml.")
+    ] = None,
     keys: Annotated[bool, typer.Option("--keys", help="Print every recipe key with its type, default and meaning.")] = False,
+    copy: Annotated[
+        Optional[str], typer.Option("--copy", metavar="NAME", help="Write the shipped recipe NAME to DEST to edit.")
+    ] = None,
 ) -> None:
-    """List the shipped recipes (name them without a path: krpo train quickstart)."""
-    from krpo_cli.recipe_docs import reference_markdown, shipped_recipes
+    """List the shipped recipes and their files (name them without a path: krpo train quickstart)."""
+    from krpo_cli.config import RECIPES_DIR, RecipeError
+    from krpo_cli.recipe_docs import copy_recipe, reference_markdown, shipped_recipes
 
+    if dest is not None and copy is None:
+        fail(f"'{dest}': a destination needs --copy NAME (krpo recipes --copy quickstart {dest})")
+    if keys and copy is not None:
+        fail("--keys and --copy do different things; use one")
     if keys:
         sys.stdout.write(reference_markdown())
         return
+    if copy is not None:
+        try:
+            written = copy_recipe(copy, dest or ".")
+        except RecipeError as err:
+            report(err)
+        console.print(f"wrote {written}; edit it, then: krpo train {shlex.quote(str(written))}",
+                      markup=False, highlight=False, soft_wrap=True)
+        return
     from rich.table import Table
 
+    console.print(f"shipped recipes, in {RECIPES_DIR} (copy one to edit: krpo recipes --copy NAME [DEST])",
+                  markup=False, highlight=False, soft_wrap=True)
     table = Table(show_edge=False)
     table.add_column("recipe", style="bold")
+    table.add_column("file", no_wrap=True)
     table.add_column("what it trains")
     for name, description in shipped_recipes():
-        table.add_row(name, description)
+        table.add_row(name, f"{name}.yaml", description)
     console.print(table)
 
 

@@ -24,7 +24,7 @@ PAPER_SYSTEM_PROMPT = (
     "<answer> answer here </answer>."
 )
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped inside the package, so a wheel carries them
 
 
 class RecipeError(Exception):
@@ -409,7 +409,7 @@ def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
 
 
 def resolve_recipe_path(name: str) -> Path:
-    """A recipe file path, or the name of a shipped recipe (`quickstart` → recipes/quickstart.yaml)."""
+    """A recipe file path, or the name of a shipped recipe (`quickstart` → krpo_cli/recipes/quickstart.yaml)."""
     path = Path(name)
     if path.is_file():
         return path

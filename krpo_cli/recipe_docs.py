@@ -1,16 +1,20 @@
-"""Recipe documentation generated from the recipe models, so it cannot drift from the code.
+"""The shipped recipes, and recipe documentation generated from the recipe models (so it cannot drift).
 
-`krpo recipes` lists the shipped recipes; `krpo recipes --keys` prints docs/recipes.md.
+`krpo recipes` lists the shipped recipes (they live in the package, krpo_cli/recipes/);
+`krpo recipes --copy NAME [DEST]` writes one out to edit; `krpo recipes --keys` prints docs/recipes.md.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import types
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 
-from krpo_cli.config import RECIPES_DIR, Recipe
+from krpo_cli.config import RECIPES_DIR, Recipe, RecipeError
 
 INTRO = """# Recipe reference
 
@@ -77,10 +81,33 @@ def reference_markdown() -> str:
 
 
 def shipped_recipes() -> list[tuple[str, str]]:
-    """(name, one-line description) of every recipe under recipes/, from its comment header."""
+    """(name, one-line description) of every shipped recipe, from its comment header."""
     found = []
     for path in sorted(RECIPES_DIR.glob("*.yaml")):
         first = path.read_text(encoding="utf-8").splitlines()[0] if path.stat().st_size else ""
         description = first.lstrip("# ").partition(":")[2].strip() if first.startswith("#") else ""
         found.append((path.stem, description))
     return found
+
+
+def copy_recipe(name: str, dest: str) -> Path:
+    """Write the shipped recipe `name` to the file `dest` (or into the folder `dest`); never overwrites."""
+    shipped = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    stem = name.removesuffix(".yaml")
+    if stem not in shipped:
+        close = difflib.get_close_matches(stem, shipped, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise RecipeError([f"no shipped recipe '{name}' ({hint}shipped recipes: {', '.join(shipped) or 'none'})"], "--copy")
+    target = Path(dest).expanduser()
+    if target.is_dir():
+        target = target / f"{stem}.yaml"
+    elif dest.endswith(("/", os.sep)):
+        raise RecipeError(["no such folder"], dest)
+    try:
+        with target.open("xb") as f:  # exclusive: an existing file (or link) is never replaced
+            f.write((RECIPES_DIR / f"{stem}.yaml").read_bytes())
+    except FileExistsError:
+        raise RecipeError(["exists; --copy never overwrites a file (name another DEST)"], str(target)) from None
+    except OSError as err:
+        raise RecipeError([f"cannot write: {err.strerror or err}"], str(target)) from None
+    return target
