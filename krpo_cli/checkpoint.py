@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from krpo_cli.errors import KrpoError
 from krpo_cli.models import save_adapter
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step_(\d{6,})")
 
 
-class CheckpointError(Exception):
+class CheckpointError(KrpoError):
     """A checkpoint cannot be used to resume; the message says why."""
 
 

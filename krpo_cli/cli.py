@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from krpo_cli import __version__
+from krpo_cli.errors import KrpoError
 
 app = typer.Typer(
     name="krpo",
@@ -37,22 +38,8 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def user_errors() -> tuple[type[Exception], ...]:
-    from krpo_cli.config import RecipeError
-    from krpo_cli.data import DataError
-    from krpo_cli.logging import LoggingBackendError
-    from krpo_cli.models import ModelError
-    from krpo_cli.rewards import GraderError
-    from krpo_cli.checkpoint import CheckpointError
-    from krpo_cli.train import RunDirError
-    from krpo_cli.compare import CompareError
-
-    return (
-        RecipeError, DataError, ModelError, RunDirError, GraderError, CheckpointError, CompareError, LoggingBackendError,
-    )
-
-
 def report(err: Exception) -> None:
+    """A user's mistake (any KrpoError): its message, exit code 2."""
     from krpo_cli.config import RecipeError
 
     if isinstance(err, RecipeError):
@@ -128,7 +115,7 @@ def train(
         raise typer.Exit(130) from None
     except NumericalFailure as err:
         fail(str(err), code=1)
-    except user_errors() as err:
+    except KrpoError as err:
         report(err)
 
 
@@ -142,7 +129,7 @@ def validate(
 
     try:
         load_recipe(recipe, overrides or [])
-    except user_errors() as err:
+    except KrpoError as err:
         report(err)
     console.print(f"{recipe}: ok", markup=False)
 
@@ -230,7 +217,7 @@ def eval_command(
     try:
         chosen = resolve_target(target, adapter, recipe, no_adapter, output)
         run_eval(chosen, data, split, limit, samples, batch_size, max_new_tokens, console=console)
-    except user_errors() as err:
+    except KrpoError as err:
         report(err)
 
 
@@ -255,7 +242,7 @@ def merge_command(
         fail(f"--nf4-round-trip must be auto, on or off, not '{nf4_round_trip}'")
     try:
         merge(source, out, dtype, nf4_round_trip, verify, tolerance, overwrite, console=console)
-    except user_errors() as err:
+    except KrpoError as err:
         report(err)
 
 
@@ -271,12 +258,12 @@ def compare_command(
     ] = "0.8",
 ) -> None:
     """Plot reward, accuracy and KL of several runs in one PNG and print their final and best figures."""
-    from krpo_cli.compare import CompareError, compare, parse_smoothing
+    from krpo_cli.compare import compare, parse_smoothing
 
     try:
         compare(run_dirs, out, parse_smoothing(smooth), console)
-    except CompareError as err:
-        fail(str(err))
+    except KrpoError as err:
+        report(err)
 
 
 @data_app.command("arithmetic")

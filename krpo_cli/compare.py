@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from krpo_cli.errors import KrpoError
 from krpo_cli.logging import format_number
 
 EVAL_ACCURACY = "eval/accuracy"
@@ -33,7 +34,7 @@ DPI = 100
 RAW_ALPHA = 0.25
 
 
-class CompareError(Exception):
+class CompareError(KrpoError):
     """A directory cannot be compared (not a run, no steps yet, unreadable metrics)."""
 
 

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from krpo_cli.errors import KrpoError
 from krpo_cli.rewards import GRADERS, USER_GRADER_SPEC
 
 PAPER_SYSTEM_PROMPT = (
@@ -27,7 +28,7 @@ PAPER_SYSTEM_PROMPT = (
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped inside the package, so a wheel carries them
 
 
-class RecipeError(Exception):
+class RecipeError(KrpoError):
     """A recipe a user wrote is wrong; `problems` lists one line per mistake."""
 
     def __init__(self, problems: list[str], source: str = "recipe"):

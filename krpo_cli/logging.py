@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from krpo_cli.errors import KrpoError
+
 
 def counted(number: int, noun: str) -> str:
     """"1 step", "2 steps", "1,500 training rows": a count and its noun, in the printed figures."""
@@ -50,7 +52,7 @@ INSTALL_HINTS = {
 WANDB_ID_FILE = "wandb_run_id.txt"
 
 
-class LoggingBackendError(Exception):
+class LoggingBackendError(KrpoError):
     """A logging backend the recipe asks for is not installed or cannot start."""
 
 

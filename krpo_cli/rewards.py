@@ -52,6 +52,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from krpo_cli.errors import KrpoError
+
 _ANSWER_TAGS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _INTEGER = re.compile(r"-?\d+")
 
@@ -91,7 +93,7 @@ def grade_last_number(completion: str, reference: str) -> Grade:
     return Grade(1.0 if correct else 0.0, correct, True, answer)
 
 
-class GraderError(ValueError):
+class GraderError(KrpoError, ValueError):
     """A grader cannot be found, loaded or run (bad spec, missing package, bad return)."""
 
 

@@ -45,6 +45,7 @@ from krpo_cli.checkpoint import (
 from krpo_cli.config import Recipe, RecipeError, TrainSettings, recipe_to_yaml
 from krpo_cli.data import PromptSampler, build_prompt, load_rows, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
+from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
 from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
 from krpo_cli.losses import policy_loss
@@ -53,7 +54,7 @@ from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import completion_log_probs, generate_rollout, pick_engine
 
 
-class RunDirError(Exception):
+class RunDirError(KrpoError):
     """The run directory cannot be used as asked."""
 
 
