@@ -92,7 +92,7 @@ def train(
     loaded = None
     try:
         if seeds is not None:
-            from krpo_cli.seeds import train_seeds
+            from krpo_cli.multi_seed import train_seeds
 
             train_seeds(recipe, overrides or [], seeds, overwrite=overwrite, resume=resume, console=console)
         else:

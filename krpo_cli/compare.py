@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from krpo_cli.errors import KrpoError
-from krpo_cli.logging import format_number
+from krpo_cli.run_log import format_number
 
 EVAL_ACCURACY = "eval/accuracy"
 ROLLOUT_ACCURACY = "correct_frac"

@@ -26,7 +26,7 @@ from rich.table import Table
 from krpo_cli.checkpoint import CHECKPOINTS
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_eval_rows
-from krpo_cli.logging import JsonlWriter, counted
+from krpo_cli.run_log import JsonlWriter, counted
 from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
 from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
 from krpo_cli.rewards import get_grader

@@ -47,7 +47,7 @@ from krpo_cli.data import PromptSampler, build_prompt, load_rows, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
-from krpo_cli.logging import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
+from krpo_cli.run_log import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy, save_adapter
 from krpo_cli.rewards import get_grader

@@ -19,7 +19,7 @@ from krpo_cli.compare import (
     series,
     summarize_run,
 )
-from krpo_cli.seeds import parse_seeds, seed_overrides
+from krpo_cli.multi_seed import parse_seeds, seed_overrides
 from krpo_cli.config import RecipeError
 from conftest import read_jsonl, tiny_recipe, write_recipe
 

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from krpo_cli import train as train_module
 from krpo_cli.cli import app
 from krpo_cli.config import Recipe
-from krpo_cli.logging import LoggingBackendError, check_logging_backends, numeric_scalars
+from krpo_cli.run_log import LoggingBackendError, check_logging_backends, numeric_scalars
 from krpo_cli.rewards import Grade
 from conftest import read_jsonl, tiny_recipe, write_recipe
 
@@ -153,7 +153,7 @@ def test_log_to_recipe_mistakes_are_recipe_errors():
 
 
 def test_counts_are_printed_with_their_noun_in_the_right_number():
-    from krpo_cli.logging import counted
+    from krpo_cli.run_log import counted
 
     assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
     assert counted(1, "training row") == "1 training row" and counted(1500, "training row") == "1,500 training rows"
