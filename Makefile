@@ -10,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.krpo-installed
+WHEEL_CHECK ?= build/wheel-check
 
-.PHONY: install quickstart test clean
+.PHONY: install quickstart test wheel-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,5 +33,22 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+# Build the wheel, install it into a fresh virtual environment (torch pinned as above, pip's cache
+# reused) and run it from a folder outside the checkout: the shipped recipes must come with it.
+wheel-check:
+	rm -rf $(WHEEL_CHECK) && mkdir -p $(WHEEL_CHECK)
+	$(PYTHON) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet --upgrade pip
+	$(WHEEL_CHECK)/venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir $(WHEEL_CHECK) .
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_INDEX)
+	$(WHEEL_CHECK)/venv/bin/python -m pip show torch | sed -n "s/^Version: /torch==/p" > $(WHEEL_CHECK)/torch-constraint.txt
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet -c $(WHEEL_CHECK)/torch-constraint.txt -c constraints.txt \
+		$(WHEEL_CHECK)/krpo-*.whl
+	KRPO="$(abspath $(WHEEL_CHECK))/venv/bin/krpo" && OUTSIDE="$$(mktemp -d)" && trap 'rm -rf "$$OUTSIDE"' EXIT \
+		&& cd "$$OUTSIDE" && set -x && "$$KRPO" recipes > recipes.txt && cat recipes.txt \
+		&& grep -q "site-packages/krpo_cli/recipes" recipes.txt \
+		&& grep -q quickstart.yaml recipes.txt && "$$KRPO" validate quickstart \
+		&& "$$KRPO" recipes --copy gsm8k && "$$KRPO" validate gsm8k.yaml
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build
