@@ -57,7 +57,7 @@ class Paced:
     """A process that runs only while this script lets it, one step at a time.
 
     `cmd` runs the steps and appends one line to `progress` after each; its output goes to `log`.
-    It runs in a session of its own, so that a SIGCONT sent to the terminal's process group
+    It runs in a POSIX session of its own, so that a SIGCONT sent to the terminal's process group
     (Ctrl-Z, then `fg`) does not wake it while it is meant to be paused.
     """
 

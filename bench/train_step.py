@@ -44,7 +44,7 @@ CUDA_KINDS = KINDS + ["krpo-decoder"]
 
 
 def device_settings(device: str, cpu_dtype: str = "float32") -> dict:
-    """dtype, quantization and default shape per device (the issue's CPU and GPU workloads)."""
+    """dtype, quantization and default shape per device (the benchmark's CPU and GPU workloads)."""
     if device == "cuda":
         return {"dtype": "bfloat16", "quantization": "nf4", "prompts": 8, "group": 12}
     return {"dtype": cpu_dtype, "quantization": "none", "prompts": 2, "group": 8}

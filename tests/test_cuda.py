@@ -1,6 +1,6 @@
 """The CUDA paths: krpo's decoder on a GPU, the NF4 base (bitsandbytes), paged 8-bit AdamW.
 
-Skipped without a CUDA GPU (CI has none); `bench/device/run.sh` runs them on the lent GPU.
+Skipped without a CUDA GPU (CI has none); `bench/device/run.sh` runs them on a CUDA machine.
 Tiny random models, no download.
 """
 

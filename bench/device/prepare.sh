@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run here, before bench/device/run.sh goes to the lent GPU machine: that machine is bare and
-# offline, so this puts what it lacks into two folders git ignores and the device tool carries:
+# Run on a machine with network access before bench/device/run.sh runs on a GPU machine that may be
+# offline and have only torch and the Hugging Face libraries: this puts what that machine lacks into
+# two folders git ignores, to copy to it with the checkout:
 #   .whl/  Python 3.12 wheels of bench/device/wheels.txt (~46 MB)
 #   .gpu/  the embedded model's tokenizer (3.5 MB; its weights are too big to carry, and the
 #          benchmarks build a random-weight model of the shape they need on the GPU instead)
@@ -33,4 +34,4 @@ for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
     shutil.copy(source / name, Path(".gpu/tokenizer") / name)
 PY
 du -sh .whl .gpu
-echo "with the device tool: run(command=\"bash bench/device/run.sh\", carry=[\".whl\", \".gpu\"], timeout_s=540)"
+echo "copy this checkout with .whl/ and .gpu/ to the GPU machine and run there: bash bench/device/run.sh"

@@ -1,4 +1,4 @@
-"""Build a random-weight model of a known shape, for speed work where real weights cannot travel.
+"""Build a random-weight model of a known shape, for speed work without downloading real weights.
 
     python bench/device/random_model.py --tokenizer .gpu/tokenizer --out /tmp/qwen0.5b-random
 

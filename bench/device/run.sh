@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# The GPU checks of krpo in one run on the lent GPU machine (the device tool): the CUDA tests,
-# the generation sweep (bf16 and NF4) and the train_step comparison with TRL, on a random-weight
-# Qwen2.5-0.5B-shaped model. At most 8 minutes on an H200 (the stages' limits; likely less),
-# so that a rerun of one stage still fits in a session's 15 minutes of device time.
-# First, here: bash bench/device/prepare.sh; then
-#     run(command="bash bench/device/run.sh", carry=[".whl", ".gpu"], timeout_s=540)
-# or name some stages: bash bench/device/run.sh tests generation train
+# The GPU checks of krpo in one run on your own CUDA machine: the CUDA tests, the generation
+# sweep (bf16 and NF4) and the train_step comparison with TRL, on a random-weight
+# Qwen2.5-0.5B-shaped model. At most 8 minutes in all on an H200 (the stages' limits; likely less).
+# The GPU machine may be offline: first, on a machine with network access and krpo installed,
+#     bash bench/device/prepare.sh
+# then, in a copy of this checkout on the GPU machine (with the .whl/ and .gpu/ folders it made),
+#     bash bench/device/run.sh          # or name some stages: bash bench/device/run.sh tests train
+# The GPU machine needs Python 3.12 with torch (CUDA), transformers, peft and accelerate.
 # Each stage has its own time limit, and a failed stage does not stop the next. Logs and JSON
-# go to $OUT (the device tool brings them back), and each log's tail is printed; train_step
+# go to $OUT (default /tmp/krpo-device), and each log's tail is printed; train_step
 # writes its JSON after every worker, so a stage cut short still leaves what it measured.
 set -uo pipefail
 OUT=${OUT:-/tmp/krpo-device}
@@ -15,7 +16,7 @@ STAGES=${*:-tests generation train}
 MODEL=/tmp/qwen0.5b-random
 mkdir -p "$OUT"
 
-[ -d .whl ] && [ -d .gpu/tokenizer ] || { echo "no .whl/ or .gpu/: run bench/device/prepare.sh here and carry both"; exit 2; }
+[ -d .whl ] && [ -d .gpu/tokenizer ] || { echo "no .whl/ or .gpu/: run bench/device/prepare.sh first and copy both here"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME=/tmp/hf \
     TOKENIZERS_PARALLELISM=false KRPO_CACHE=/tmp/krpo-cache
