@@ -7,12 +7,15 @@ errors in a recipe are reported together (RecipeError carries the list).
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import types
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from krpo_cli.errors import KrpoError
 from krpo_cli.rewards import GRADERS, USER_GRADER_SPEC
@@ -37,14 +40,48 @@ class RecipeError(KrpoError):
         super().__init__(f"{source}: " + "; ".join(problems))
 
 
+# Upper bounds of counts that no real run reaches, but that stop a typo (1e9 for 1e3) from
+# crashing or hanging a run: the limits are documented in docs/recipes.md.
+MAX_SEED = 2**32 - 1  # numpy and torch both take seeds in 0 .. 2**32 - 1
+MAX_STEPS = 10_000_000
+MAX_NEW_TOKENS = 32_768
+MAX_GROUP_SIZE = 1024
+MAX_PROMPTS_PER_STEP = 8192
+MAX_LORA_RANK = 4096
+MAX_COUNT = 1_000_000_000  # any other count (a batch size, an interval, a number of rows)
+MAX_RUN_NAME = 100
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    # allow_inf_nan=False: .inf and .nan are refused for every float key, naming it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, value: Any, info: ValidationInfo) -> Any:
+        # A bool is a number to Python (train.steps: true would be 1 step): number keys refuse it.
+        if isinstance(value, bool) and _is_number_key(cls.model_fields[info.field_name].annotation):
+            raise PydanticCustomError("number_not_bool", "expected a number, not true/false")
+        # Text that cannot be written to a file (a lone surrogate) or to a path (NUL).
+        if isinstance(value, str) and "\0" in value:
+            raise PydanticCustomError("text_nul", "contains a NUL character")
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise PydanticCustomError("text_surrogate", "is not valid Unicode text (a lone surrogate)")
+        return value
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _is_number_key(annotation: Any) -> bool:
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    return any(option in (int, float) for option in options)
 
 
 class RunSettings(_Strict):
     name: str = Field("run", description="Run name; the run directory is output_dir/name.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
-    seed: int = Field(42, description="Seed for data order, sampling and LoRA initialisation.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed for data order, sampling and LoRA initialisation.")
 
     @field_validator("name")
     @classmethod
@@ -54,7 +91,19 @@ class RunSettings(_Strict):
         parts = Path(name).parts
         if not name.strip() or Path(name).is_absolute() or ".." in parts or not [p for p in parts if p != "."]:
             raise ValueError(f"run.name must be a folder inside run.output_dir, without '..' (found {name!r})")
+        if len(name) > MAX_RUN_NAME:
+            raise ValueError(f"run.name is {len(name)} characters long; at most {MAX_RUN_NAME} (found {name[:40]!r}…)")
+        if "\\" in name or "//" in name or name.endswith("/") or any(not c.isprintable() for c in name):
+            raise ValueError(
+                f"run.name must be folder names joined by single '/', without '\\', a trailing '/' "
+                f"or control characters (found {name!r})"
+            )
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return os.path.expanduser(value)  # ~/runs is the home folder's runs, not a folder named '~'
 
 
 class ModelSettings(_Strict):
@@ -73,7 +122,7 @@ class ModelSettings(_Strict):
 
 
 class LoraSettings(_Strict):
-    r: int = Field(16, ge=1, description="LoRA rank.")
+    r: int = Field(16, ge=1, le=MAX_LORA_RANK, description="LoRA rank.")
     alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
@@ -109,7 +158,7 @@ class DataSettings(_Strict):
         "test", description="Split to evaluate on; when the source has none, test_size rows are held out."
     )
     test_size: float = Field(0.1, ge=0, description="Held-out rows when there is no test split: a fraction (<1) or a count.")
-    split_seed: int = Field(42, description="Seed of the held-out split.")
+    split_seed: int = Field(42, ge=0, le=MAX_SEED, description="Seed of the held-out split.")
     question_field: str = Field("question", description="Field holding the question.")
     answer_field: str = Field("answer", description="Field holding the reference answer (or a solution to extract it from).")
     answer_format: Literal["auto", "raw", "gsm8k", "boxed"] = Field(
@@ -119,10 +168,10 @@ class DataSettings(_Strict):
     filters: dict[str, list[str | int]] = Field(
         default_factory=dict, description="Keep rows whose field has one of these values, e.g. {type: [Algebra]}."
     )
-    max_question_chars: int | None = Field(None, ge=1, description="Drop questions longer than this many characters.")
+    max_question_chars: int | None = Field(None, ge=1, le=MAX_COUNT, description="Drop questions longer than this many characters.")
     system_prompt: str = Field(PAPER_SYSTEM_PROMPT, description="System message of every prompt ('' for none).")
     prompt_template: str = Field("{question}", description="User message; {question} is replaced.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_samples: int | None = Field(None, ge=1, le=MAX_COUNT, description="Use at most this many training rows.")
 
     # Local file suffixes and the `datasets` builder that reads each: the one table that both
     # validation here and the loader in data.py use (data.py imports this module, not the reverse).
@@ -205,7 +254,7 @@ class AlgorithmSettings(_Strict):
     advantage: Literal["krpo", "grpo", "dr_grpo", "rloo"] = Field(
         "krpo", description="Advantage estimator: krpo (the paper), grpo, dr_grpo (mean-centred, no std), rloo (leave-one-out)."
     )
-    group_size: int = Field(12, ge=2, description="Completions sampled per prompt (G).")
+    group_size: int = Field(12, ge=2, le=MAX_GROUP_SIZE, description="Completions sampled per prompt (G).")
     clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
     kl_beta: float = Field(0.01, ge=0, description="Weight β of the KL penalty to the reference (adapter off).")
     kalman: KalmanSettings = Field(default_factory=KalmanSettings)
@@ -221,15 +270,15 @@ class AlgorithmSettings(_Strict):
 
 
 class GenerationSettings(_Strict):
-    max_new_tokens: int = Field(1024, ge=1, description="Longest completion.")
+    max_new_tokens: int = Field(1024, ge=1, le=MAX_NEW_TOKENS, description="Longest completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold (1.0: off).")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0: off).")
+    top_k: int = Field(0, ge=0, le=MAX_COUNT, description="Top-k sampling (0: off).")
     batch_size: int | None = Field(
-        None, ge=1, description="Most sequences per generate call (memory knob); default: all at once."
+        None, ge=1, le=MAX_COUNT, description="Most sequences per generate call (memory knob); default: all at once."
     )
     min_new_tokens: int | None = Field(
-        None, ge=1, description="Force completions to at least this length (for benchmarks: equal work per step)."
+        None, ge=1, le=MAX_NEW_TOKENS, description="Force completions to at least this length (for benchmarks: equal work per step)."
     )
     engine: Literal["auto", "krpo", "transformers"] = Field(
         "auto",
@@ -248,13 +297,13 @@ class GenerationSettings(_Strict):
 
 
 class TrainSettings(_Strict):
-    steps: int = Field(100, ge=1, description="Rollout/update steps.")
-    prompts_per_step: int = Field(32, ge=1, description="Prompts per rollout batch.")
-    minibatch_size: int = Field(16, ge=1, description="Completions per optimizer step.")
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="Rollout/update steps.")
+    prompts_per_step: int = Field(32, ge=1, le=MAX_PROMPTS_PER_STEP, description="Prompts per rollout batch.")
+    minibatch_size: int = Field(16, ge=1, le=MAX_COUNT, description="Completions per optimizer step.")
     micro_batch_size: int | None = Field(
-        None, ge=1, description="Completions per forward/backward (gradient accumulation); default: ~640 tokens' worth on a CPU, the whole minibatch elsewhere."
+        None, ge=1, le=MAX_COUNT, description="Completions per forward/backward (gradient accumulation); default: ~640 tokens' worth on a CPU, the whole minibatch elsewhere."
     )
-    epochs_per_batch: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    epochs_per_batch: int = Field(1, ge=1, le=MAX_COUNT, description="Passes over each rollout batch.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "adamw",
@@ -262,10 +311,10 @@ class TrainSettings(_Strict):
         "(adamw_8bit), paged out to CPU memory when the GPU runs short (paged_adamw_8bit).",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up, in optimizer steps.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear learning-rate warm-up, in optimizer steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_consecutive_skips: int = Field(
-        5, ge=1, description="Stop after this many consecutive updates skipped for a non-finite loss or gradient."
+        5, ge=1, le=MAX_COUNT, description="Stop after this many consecutive updates skipped for a non-finite loss or gradient."
     )
 
     @model_validator(mode="after")
@@ -278,17 +327,17 @@ class TrainSettings(_Strict):
 
 
 class EvalSettings(_Strict):
-    every: int = Field(0, ge=0, description="Evaluate on held-out questions every N steps and at the end (0: never).")
-    size: int = Field(200, ge=1, description="Held-out questions per evaluation: the first N of the test split.")
-    batch_size: int = Field(32, ge=1, description="Questions per generate call during evaluation.")
+    every: int = Field(0, ge=0, le=MAX_STEPS, description="Evaluate on held-out questions every N steps and at the end (0: never).")
+    size: int = Field(200, ge=1, le=MAX_COUNT, description="Held-out questions per evaluation: the first N of the test split.")
+    batch_size: int = Field(32, ge=1, le=MAX_COUNT, description="Questions per generate call during evaluation.")
 
 
 class OutputSettings(_Strict):
     samples_per_step: int = Field(
-        4, ge=0, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
+        4, ge=0, le=MAX_COUNT, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
     )
-    save_every: int = Field(50, ge=1, description="Write a resumable checkpoint every N steps (and after the last step).")
-    keep_checkpoints: int = Field(2, ge=1, description="How many of the latest checkpoints to keep.")
+    save_every: int = Field(50, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps (and after the last step).")
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="How many of the latest checkpoints to keep.")
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,
         description="Also log the metrics to TensorBoard (RUN/tensorboard/) and/or Weights & Biases; "
@@ -297,6 +346,14 @@ class OutputSettings(_Strict):
     wandb_project: str | None = Field(
         None, description="W&B project (default: $WANDB_PROJECT, else krpo). WANDB_MODE=offline logs locally."
     )
+
+    @field_validator("log_to", mode="before")
+    @classmethod
+    def _backends(cls, value):
+        # `output.log_to=tensorboard,wandb` on the command line (or in a recipe) is one string: a comma list.
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",")] if value.strip() else []
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> "OutputSettings":
@@ -342,6 +399,25 @@ class Recipe(_Strict):
         return self.train.prompts_per_step * self.algorithm.group_size
 
 
+_TABLE_KEYS = ("path", "config", "train_split", "test_split", "test_size", "split_seed", "question_field",
+               "answer_field", "answer_format")
+
+
+def ineffective_keys(recipe: Recipe) -> list[str]:
+    """Keys the recipe sets (in its file or an override) that its other settings make inert, each as
+    'key (why)': krpo warns of them rather than ignore them silently."""
+    data, kalman, advantage = recipe.data, recipe.algorithm.kalman, recipe.algorithm.advantage
+    found = []
+    if data.source in ("arithmetic", "digits"):  # built-in sets: no file, no fields, their own test split
+        found += [f"data.{key} (data.source is {data.source})" for key in _TABLE_KEYS if key in data.model_fields_set]
+    if data.source != "arithmetic" and "difficulty" in data.model_fields_set:
+        found.append(f"data.difficulty (only data.source: arithmetic has difficulties; it is {data.source})")
+    if advantage != "krpo":  # grpo reads only eps, to guard its division by the standard deviation
+        inert = [key for key in kalman.model_fields_set if key not in ("scope",) + (("eps",) if advantage == "grpo" else ())]
+        found += [f"algorithm.kalman.{key} (algorithm.advantage is {advantage}, not krpo)" for key in sorted(inert)]
+    return found
+
+
 def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
     for key in path:
         field = model.model_fields.get(str(key))
@@ -362,12 +438,13 @@ def _describe(error: dict) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "value_error":
         return message
-    return f"{key}: {message} (found {error.get('input')!r})"
+    found = repr(error.get("input"))
+    if len(found) > 80:  # a wrong value may be a whole list or mapping: quote its start
+        found = found[:77] + "…"
+    return f"{key}: {message} (found {found})"
 
 
 def _validate(raw: Any, source: str, overrides: list[str] = ()) -> Recipe:
-    if raw is None:
-        raw = {}
     if not isinstance(raw, dict):
         raise RecipeError([f"the recipe must be a mapping of sections, found {type(raw).__name__}"], source)
     try:
@@ -402,10 +479,11 @@ def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or re.match(r"[\w.]*", problem).group()
     for item in reversed(overrides):  # of two overrides of one key the last is the one merged
         overridden = item.partition("=")[0]
+        shown = item if len(item) <= 80 else item[:77] + "…"  # the value may be long: the key is what matters
         if key == overridden or key.startswith(overridden + "."):
-            return f"{problem}, set on the command line by '{item}'"
+            return f"{problem}, set on the command line by '{shown}'"
         if error["type"] == "extra_forbidden" and overridden.startswith(key + "."):  # `trian.steps=3`
-            return f"{problem}, set on the command line by '{item}'"
+            return f"{problem}, set on the command line by '{shown}'"
     return problem
 
 
@@ -423,8 +501,59 @@ def resolve_recipe_path(name: str) -> Path:
     raise RecipeError([f"no recipe file '{name}' ({hint}shipped recipes: {', '.join(shipped_names) or 'none'})"], name)
 
 
+def _annotation_at(path: list[str]) -> Any:
+    """The type of the recipe key at `path` (['run', 'name'] → str); None for an unknown key."""
+    model: type[BaseModel] = Recipe
+    for depth, part in enumerate(path):
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        if depth == len(path) - 1:
+            return field.annotation
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return None
+
+
+def _text_key(annotation: Any) -> tuple[bool, bool]:
+    """Whether a key takes text (str, or a choice of words), and whether it may also be null."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+    words = [o for o in options if o is not type(None)]
+    text = bool(words) and all(
+        o is str or (get_origin(o) is Literal and all(isinstance(v, str) for v in get_args(o))) for o in words
+    )
+    return text, len(words) < len(options)
+
+
+def _override_value(path: list[str], value: str) -> Any:
+    """The value of one `key=value` override.
+
+    A key that takes text gets the text as written (run.name=2024-01-01, data.system_prompt=Think: then
+    answer); quotes around it are removed as YAML would, and null clears a key that may be null. Any
+    other key gets the YAML value (numbers, true/false, [lists], {mappings}).
+    """
+    text, nullable = _text_key(_annotation_at(path))
+    if text:
+        if nullable and value.strip() in ("null", "Null", "NULL", "~"):
+            return None
+        if value[:1] in ("'", '"'):
+            try:
+                quoted = _load_yaml(value)
+            except yaml.YAMLError:
+                return value
+            return quoted if isinstance(quoted, str) else value
+        return value
+    if not value.strip():
+        return ""
+    try:
+        return _load_yaml(value)
+    except yaml.YAMLError:
+        return value
+
+
 def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=value` strings → nested dict; values are YAML scalars (typed later by the recipe model)."""
+    """`a.b=value` strings → nested dict; values typed by the key they set (see _override_value)."""
     nested: dict = {}
     problems = []
     for item in overrides:
@@ -432,10 +561,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             problems.append(f"override '{item}' is not of the form key.path=value")
             continue
-        try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            parsed = value
+        parsed = _override_value(key.split("."), value)
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -460,6 +586,94 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+# A recipe is a few sections of keys: nesting and alias expansion far past what one needs are refused
+# before they reach the validator (an alias bomb, 20,000 nested brackets, an alias inside itself).
+MAX_YAML_DEPTH = 32
+MAX_YAML_VALUES = 100_000
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also refuses a key written twice in one mapping, nesting deeper than
+    MAX_YAML_DEPTH, and aliases that refer to themselves or expand past MAX_YAML_VALUES values."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self._depth >= MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def compose_document(self):
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+                if first is not key_node.start_mark:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key '{key_node.value}' is written twice (first at line {first.line + 1})",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Refuse a document whose aliases refer to themselves, or expand past the size or depth limits.
+
+    Aliases share nodes, so the composed graph stays small while what it stands for (and what the
+    validator would walk) grows exponentially: count each node's expanded size and depth once.
+    """
+    if root is None:
+        return
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        children = [] if isinstance(node, yaml.ScalarNode) else (
+            [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else list(node.value)
+        )
+        if finished:
+            open_nodes.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in children)
+            depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
+            if size[key] > MAX_YAML_VALUES:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to more than {MAX_YAML_VALUES:,} values", node.start_mark
+                )
+            if depth[key] > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"aliases expand to nesting deeper than {MAX_YAML_DEPTH} levels", node.start_mark
+                )
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it", node.start_mark)
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in children)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # a yaml.SafeLoader: plain data only, never objects
+
+
 def yaml_problem(err: yaml.YAMLError) -> str:
     """PyYAML's complaint as one line: where (line, column) and what."""
     mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
@@ -479,9 +693,11 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, 
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError([f"cannot read the recipe: {err}"], str(path)) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _load_yaml(text)
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {yaml_problem(err)}"], str(path)) from None
+    if raw is None:  # nothing but blank lines and comments: not a recipe of every default by mistake
+        raise RecipeError(["the recipe file is empty; write at least one key (krpo recipes --keys lists them)"], str(path))
     if overrides:
         if raw is not None and not isinstance(raw, dict):
             return _validate(raw, str(path)), text

@@ -137,3 +137,148 @@ def test_grader_names_and_user_specs(tmp_path):
 def test_min_new_tokens_above_max_new_tokens_is_refused():
     with pytest.raises(RecipeError, match=r"generation.min_new_tokens \(20\) is larger than generation.max_new_tokens \(16\)"):
         load_recipe("quickstart", ["generation.min_new_tokens=20"])
+
+
+# Overrides: a value for a text key stays the text the user typed.
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("run.name=123", ("run", "name"), "123"),
+        ("run.name=2024-01-01", ("run", "name"), "2024-01-01"),
+        ("run.name=yes", ("run", "name"), "yes"),
+        ("run.name=null", ("run", "name"), "null"),
+        ('run.name="quoted name"', ("run", "name"), "quoted name"),  # YAML quoting is still removed
+        ("data.system_prompt=Think: then answer", ("data", "system_prompt"), "Think: then answer"),
+        ("data.system_prompt=", ("data", "system_prompt"), ""),
+        ("data.prompt_template=Q {question} # not a comment", ("data", "prompt_template"), "Q {question} # not a comment"),
+        ("data.prompt_template=[{question}]", ("data", "prompt_template"), "[{question}]"),
+        ("data.config=null", ("data", "config"), None),  # a key that may be null is cleared by null
+        ("data.config=2024", ("data", "config"), "2024"),
+        ("output.log_to=tensorboard", ("output", "log_to"), ["tensorboard"]),
+        ("output.log_to=tensorboard,wandb", ("output", "log_to"), ["tensorboard", "wandb"]),
+        ("output.log_to=[wandb]", ("output", "log_to"), ["wandb"]),
+        ("output.log_to=", ("output", "log_to"), []),
+        ("algorithm.kalman.order=sorted", ("algorithm", "kalman", "order"), "sorted"),
+    ],
+)
+def test_override_values_for_text_keys_stay_text(override, key, value):
+    recipe, _ = load_recipe("quickstart", [override])
+    found = recipe
+    for part in key:
+        found = getattr(found, part)
+    assert found == value
+
+
+def test_output_dir_expands_the_home_folder():
+    recipe, _ = load_recipe("quickstart", ["run.output_dir=~/krpo-runs"])
+    assert recipe.run.output_dir == str(Path.home() / "krpo-runs")
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+        ("train.learning_rate=1e400", "train.learning_rate: Input should be a finite number"),
+        ("algorithm.kalman.init_mean=.nan", "algorithm.kalman.init_mean: Input should be a finite number"),
+        ("algorithm.kl_beta=.inf", "algorithm.kl_beta: Input should be a finite number"),
+        ("generation.temperature=.inf", "generation.temperature: Input should be a finite number"),
+        ("lora.alpha=-.inf", "lora.alpha"),
+        ("data.test_size=.nan", "data.test_size: Input should be a finite number"),
+        ("train.steps=true", "train.steps: expected a number, not true/false"),
+        ("train.learning_rate=true", "train.learning_rate: expected a number, not true/false"),
+        ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
+        ("run.seed=4294967296", "run.seed: Input should be less than or equal to 4294967295"),
+        ("run.seed=100000000000000000000000", "run.seed"),
+        ("data.split_seed=-3", "data.split_seed"),
+        ("algorithm.group_size=100000000000000000000000", "algorithm.group_size: Input should be less than or equal to 1024"),
+        ("lora.r=100000000", "lora.r: Input should be less than or equal to 4096"),
+        ("generation.max_new_tokens=1000000000", "generation.max_new_tokens: Input should be less than or equal to 32768"),
+        ("train.prompts_per_step=1000000000", "train.prompts_per_step: Input should be less than or equal to 8192"),
+        ("train.steps=100000000000", "train.steps: Input should be less than or equal to 10000000"),
+    ],
+)
+def test_non_finite_floats_and_unbounded_integers_are_refused(override, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart", [override])
+    assert len(info.value.problems) == 1 and message in info.value.problems[0], info.value.problems
+
+
+@pytest.mark.parametrize("name", ["a\0b", "x" * 101, "a\\b", "a/", "a//b", "a\nb", "bad\udcffname"])
+def test_unusable_run_names_are_refused(name):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart", [f"run.name={name}"])
+    assert len(info.value.problems) == 1 and info.value.problems[0].startswith("run.name"), info.value.problems
+
+
+def test_a_long_wrong_value_is_quoted_short():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart", ["train.steps=[" + ",".join(["1"] * 50_000) + "]"])
+    assert len(info.value.problems[0]) < 300
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "the recipe file is empty"),
+        ("# only a comment\n\n", "the recipe file is empty"),
+        ("train:\n  steps: 3\n  steps: 5\n", "line 3, column 3: key 'steps' is written twice (first at line 2)"),
+        ("train: " + "[" * 20_000 + "]" * 20_000 + "\n", "nested deeper than 32 levels"),
+        ("run: &a\n  name: *a\n", "an alias refers to the value that contains it"),
+        ("data:\n  filters: &f {x: [*f]}\n", "an alias refers to the value that contains it"),
+        ("a: &a [" + ",".join(['"lol"'] * 9) + "]\n"
+         + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi")),
+         "aliases expand to more than 100,000 values"),
+    ],
+    ids=["empty", "comments only", "key twice", "20000 brackets", "self alias", "self alias in a list", "alias bomb"],
+)
+def test_hostile_or_empty_yaml_is_one_problem(tmp_path, text, message):
+    err = recipe_error(tmp_path, text)  # must finish: no hang, no RecursionError
+    assert len(err.problems) == 1 and message in err.problems[0], err.problems
+
+
+def test_aliases_and_merge_keys_within_limits_still_work(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "train: &t\n  steps: 3\n  prompts_per_step: 2\n  minibatch_size: 4\n"
+        "run:\n  name: alias\n"
+        "lora:\n  target_modules: &m [q_proj, v_proj]\n",
+        encoding="utf-8",
+    )
+    recipe, _ = load_recipe(str(path))
+    assert recipe.train.steps == 3 and recipe.lora.target_modules == ["q_proj", "v_proj"]
+    merged = tmp_path / "m.yaml"
+    merged.write_text("algorithm: {group_size: 4}\ntrain:\n  <<: {steps: 3, prompts_per_step: 2, minibatch_size: 4}\n  steps: 5\n", encoding="utf-8")
+    assert load_recipe(str(merged))[0].train.steps == 5  # a merge key's value is overridden, not written twice
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.filters.x=" + "[" * 20_000 + "]" * 20_000, "data.filters.x: Input should be a valid list"),
+        ("run.name=caf\udce9", "run.name: is not valid Unicode text"),  # invalid UTF-8 in argv
+        ("data.system_prompt=a\0b", "data.system_prompt: contains a NUL character"),
+    ],
+    ids=["deep override", "surrogate override", "NUL override"],
+)
+def test_hostile_override_values_are_one_problem(override, message):
+    with pytest.raises(RecipeError) as info:
+        load_recipe("quickstart", [override])
+    assert len(info.value.problems) == 1 and message in info.value.problems[0], info.value.problems
+
+
+def test_keys_without_effect_are_named():
+    from krpo_cli.config import ineffective_keys
+
+    assert ineffective_keys(load_recipe("quickstart")[0]) == []
+    found = ineffective_keys(load_recipe("quickstart", ["data.path=x.jsonl", "data.difficulty=hard"])[0])
+    assert found == ["data.path (data.source is digits)",
+                     "data.difficulty (only data.source: arithmetic has difficulties; it is digits)"]
+    grpo = ["algorithm.advantage=grpo", "algorithm.kalman.eps=1e-6", "algorithm.kalman.init_mean=0.5"]
+    assert ineffective_keys(load_recipe("quickstart", grpo)[0]) == ["algorithm.kalman.init_mean (algorithm.advantage is grpo, not krpo)"]
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_recipes_set_no_key_without_effect(path):
+    from krpo_cli.config import ineffective_keys
+
+    assert ineffective_keys(load_recipe(str(path))[0]) == []
