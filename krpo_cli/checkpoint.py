@@ -12,22 +12,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from krpo_cli.errors import KrpoError
 from krpo_cli.models import save_adapter
-
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"step_(\d{6,})")
-
-
-class CheckpointError(KrpoError):
-    """A checkpoint cannot be used to resume; the message says why."""
+from krpo_cli.run_dir import ADAPTER, CHECKPOINTS, CheckpointError, list_checkpoints
 
 
 def _fsync_tree(path: Path) -> None:
@@ -59,14 +51,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = run_dir / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
-    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
-
-
 def checkpoint_summary(path: Path) -> dict:
     """A checkpoint's step.json: "step" (steps done) and "data_digest" (of the training rows), read
     before any weights so that a resume that cannot work is refused before the model loads."""
@@ -77,14 +61,6 @@ def checkpoint_summary(path: Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}' has no readable step.json; resume from another one with --resume-from PATH") from None
 
 
-def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Temporary directories left by a process killed while writing a checkpoint."""
-    root = run_dir / CHECKPOINTS
-    if root.is_dir():
-        for path in root.glob(".tmp-*"):
-            shutil.rmtree(path, ignore_errors=True)
-
-
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, trainer_state: dict, keep: int) -> Path:
     root = run_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +68,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     staging = root / f".tmp-step_{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    save_adapter(model, staging / "adapter")
+    save_adapter(model, staging / ADAPTER)
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
         staging / "trainer_state.pt",
@@ -114,7 +90,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+        weights = load_file(str(path / ADAPTER / "adapter_model.safetensors"))
         state = torch.load(path / "trainer_state.pt", weights_only=True)
     except Exception as err:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); resume from an older one with --resume-from PATH") from None

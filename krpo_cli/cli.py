@@ -103,11 +103,11 @@ def train(
                      highlight=False, markup=False)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:  # a second Ctrl+C, or one before the first step
-        from krpo_cli.checkpoint import list_checkpoints
+        from krpo_cli.run_dir import list_checkpoints, run_dir_of
 
         if seeds is not None:
             outcome = f"the seeds' runs that wrote a checkpoint resume with: {again}"
-        elif loaded is not None and list_checkpoints(Path(loaded.run.output_dir) / loaded.run.name):
+        elif loaded is not None and list_checkpoints(run_dir_of(loaded)):
             outcome = f"the last checkpoint resumes with: {again}"
         else:
             outcome = "no checkpoint was written"

@@ -23,16 +23,15 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from krpo_cli.checkpoint import CHECKPOINTS
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_eval_rows
-from krpo_cli.run_log import JsonlWriter, counted
 from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
 from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
 from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import generate_rollout
+from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
+from krpo_cli.run_log import JsonlWriter, counted
 
-RECIPE_IN_MODEL_DIR = "krpo_recipe.yaml"  # written by `krpo merge` so a merged model keeps its prompt and grader
 MAX_GROUP_VALUES = 30
 GRADED_FIELDS = ("reference", "completion", "extracted", "reward", "correct", "formatted", "sample_correct", "sample_rewards")  # a column with more distinct values is an attribute, not a grouping
 
@@ -44,33 +43,6 @@ class EvalTarget:
     recipe: Recipe
     output_dir: Path
     recipe_source: str = "the default recipe"  # printed, so a user sees whose prompt and grader are used
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file() and (path / "adapter").is_dir()
-
-
-def adapter_label(adapter: Path) -> str:
-    """A short name for an adapter, for its default output folder: the run's name for RUN/adapter,
-    RUN-step_N for a checkpoint's RUN/checkpoints/step_N/adapter, else the folder's own name."""
-    folder = adapter.resolve()
-    if folder.name != "adapter":
-        return folder.name
-    holder = folder.parent
-    if holder.parent.name == CHECKPOINTS:
-        return f"{holder.parent.parent.name}-{holder.name}"
-    return holder.name
-
-
-def run_of_adapter(adapter: Path) -> Path | None:
-    """The run an adapter was trained in (RUN/adapter, or a checkpoint's RUN/checkpoints/step_N/adapter):
-    its recipe holds the prompt and grader the adapter learned with."""
-    holder = Path(os.path.abspath(adapter)).parent  # abspath: "." names the adapter folder; symlinks kept
-    if is_run_dir(holder):
-        return holder
-    if holder.parent.name == CHECKPOINTS and (holder.parent.parent / "recipe.yaml").is_file():
-        return holder.parent.parent
-    return None
 
 
 def resolve_target(
@@ -87,12 +59,12 @@ def resolve_target(
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
     if is_run_dir(path):
-        loaded, _ = load_recipe(str(path / "recipe.yaml"))
-        source = str(path / "recipe.yaml")
+        loaded, _ = load_recipe(str(path / RECIPE))
+        source = str(path / RECIPE)
         if recipe:  # prompt, grader, data and generation from --recipe; the model stays the run's
             loaded = load_recipe(recipe)[0].model_copy(update={"model": loaded.model})
             source = recipe
-        own = path / "adapter"
+        own = path / ADAPTER
         chosen = None if no_adapter else Path(adapter) if adapter else own
         if chosen is None:
             name = "eval-base"
@@ -106,7 +78,7 @@ def resolve_target(
     if recipe:
         loaded, source = load_recipe(recipe)[0], recipe
     elif adapter_run is not None:
-        loaded, source = load_recipe(str(adapter_run / "recipe.yaml"))[0], str(adapter_run / "recipe.yaml")
+        loaded, source = load_recipe(str(adapter_run / RECIPE))[0], str(adapter_run / RECIPE)
     elif (path / RECIPE_IN_MODEL_DIR).is_file():
         loaded, source = load_recipe(str(path / RECIPE_IN_MODEL_DIR))[0], str(path / RECIPE_IN_MODEL_DIR)
     else:
@@ -308,7 +280,7 @@ def run_eval(
         "seconds": round(time.perf_counter() - started, 2),
     }
     (target.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    writer = JsonlWriter(target.output_dir / "samples.jsonl", mode="w")
+    writer = JsonlWriter(target.output_dir / SAMPLES, mode="w")
     for record in report.records:
         writer.write(record)
     writer.close()

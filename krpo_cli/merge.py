@@ -26,7 +26,7 @@ from rich.markup import escape
 
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
-from krpo_cli.evaluate import RECIPE_IN_MODEL_DIR, is_run_dir, load_adapter, run_of_adapter
+from krpo_cli.evaluate import load_adapter
 from krpo_cli.models import (
     ModelError,
     load_base_model,
@@ -36,33 +36,13 @@ from krpo_cli.models import (
     short,
 )
 from krpo_cli.rollout import position_ids_from_mask
+from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info
 
-RUN_INFO = "run_info.json"  # written by `krpo train`: quantization, dtype and device actually used
 VERIFY_PROMPTS = 4
 
 
 class MergeError(ModelError):
     """The merge cannot be done or did not verify."""
-
-
-def find_adapter(source: Path) -> tuple[Path, Path | None]:
-    """(adapter directory, run directory or None) for a run directory or an adapter directory."""
-    if is_run_dir(source):
-        return source / "adapter", source
-    if (source / "adapter_config.json").is_file():
-        return source, run_of_adapter(source)  # RUN/adapter, or a checkpoint's: its recipe and run_info
-    raise MergeError(f"'{source}' is neither a run directory (recipe.yaml + adapter/) nor a PEFT adapter directory")
-
-
-def read_run_info(run_dir: Path | None) -> dict:
-    path = run_dir / RUN_INFO if run_dir else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        raise MergeError(f"'{path}' is not valid JSON; delete it to merge without the NF4 default") from None
-    return info if isinstance(info, dict) else {}
 
 
 def check_output_dir(out: Path, adapter_dir: Path, run_dir: Path | None, overwrite: bool) -> Path:
@@ -154,10 +134,10 @@ def merge(
     console = console or Console()
     started = time.perf_counter()
     adapter_dir, run_dir = find_adapter(source)
-    recipe = load_recipe(str(run_dir / "recipe.yaml"))[0] if run_dir else None
+    recipe = load_recipe(str(run_dir / RECIPE))[0] if run_dir else None
     run_info = read_run_info(run_dir)
     base_name = recipe.model.name_or_path if recipe else PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
-    out = out or ((run_dir / "merged") if run_dir else adapter_dir.parent / f"{adapter_dir.name}-merged")
+    out = out or ((run_dir / MERGED) if run_dir else adapter_dir.parent / f"{adapter_dir.name}-merged")
     out = check_output_dir(out, adapter_dir, run_dir, overwrite)
     trained_quantization = run_info.get("quantization", "unknown")
     round_trip = trained_quantization == "nf4" if nf4 == "auto" else nf4 == "on"
@@ -190,7 +170,7 @@ def merge(
     merged.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     if recipe is not None:
-        (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / "recipe.yaml").read_text(), encoding="utf-8")
+        (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
 
     diff_saved = None
     if verify:

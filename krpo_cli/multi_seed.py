@@ -60,7 +60,8 @@ def train_seeds(
     With `resume`, a seed whose run directory holds a run continues from its latest checkpoint
     (a finished one only re-saves its adapter) and the others start afresh.
     """
-    from krpo_cli.train import check_run_dir, train
+    from krpo_cli.run_dir import check_run_dir
+    from krpo_cli.train import train
 
     console = console or Console()
     seeds = parse_seeds(seeds_text)

@@ -15,9 +15,7 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 
 from __future__ import annotations
 
-import json
 import random
-import shutil
 import signal
 import statistics
 import threading
@@ -26,36 +24,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
 from krpo_cli.advantages import PromptBaselines, compute_advantages
-from krpo_cli.checkpoint import (
-    CHECKPOINTS,
-    CheckpointError,
-    checkpoint_summary,
-    list_checkpoints,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    save_checkpoint,
-    set_rng_state,
-)
-from krpo_cli.config import Recipe, RecipeError, TrainSettings, recipe_to_yaml
+from krpo_cli.checkpoint import checkpoint_summary, load_checkpoint, save_checkpoint, set_rng_state
+from krpo_cli.config import Recipe, RecipeError, TrainSettings
 from krpo_cli.data import PromptSampler, build_prompt, load_rows, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
-from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
+from krpo_cli.run_dir import (
+    ADAPTER,
+    METRICS,
+    SAMPLES,
+    CheckpointError,
+    check_resumable,
+    check_run_dir,
+    find_resume_checkpoint,
+    list_checkpoints,
+    logged_rewards,
+    prepare_run_dir,
+    save_resolved_recipe,
+    truncate_jsonl,
+    write_run_info,
+)
 from krpo_cli.run_log import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import load_policy, save_adapter
 from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import completion_log_probs, generate_rollout, pick_engine
-
-
-class RunDirError(KrpoError):
-    """The run directory cannot be used as asked."""
 
 
 class TrainingInterrupted(Exception):
@@ -94,126 +91,6 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-# Keys that may differ between a run and its resumption: they do not change what was computed so far.
-RESUMABLE_CHANGES = ("train.steps", "output.", "eval.", "generation.batch_size", "train.max_consecutive_skips")
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def recipe_default(dotted_key: str):
-    """The default of a recipe key such as "algorithm.kalman.scope" (None if it has none)."""
-    section, *path = dotted_key.split(".")
-    model, field = Recipe, section
-    try:
-        for name in path:
-            model, field = model.model_fields[field].annotation, name
-        default = model.model_fields[field].get_default(call_default_factory=True)
-    except (KeyError, AttributeError, TypeError):
-        return None
-    return default.model_dump(mode="json") if hasattr(default, "model_dump") else default
-
-
-def check_resumable(run_dir: Path, recipe: Recipe) -> None:
-    """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
-    saved_path = run_dir / "recipe.yaml"
-    try:
-        raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
-        saved = flatten(raw)
-    except (OSError, yaml.YAMLError, AttributeError):
-        raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None
-    try:  # read as krpo reads recipes now: a relative data.path saved by an older krpo is made absolute
-        saved = flatten(Recipe.model_validate(raw).model_dump(mode="json"))
-    except ValidationError:
-        pass  # e.g. a key krpo no longer has: compared as saved, and reported as a difference
-    current = flatten(recipe.model_dump(mode="json"))
-    # A key the saved recipe lacks was added to krpo after the run started: it ran with the default.
-    saved = {key: saved[key] if key in saved else recipe_default(key) for key in set(saved) | set(current)}
-    differing = sorted(
-        key for key in saved if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
-    )
-    if differing:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} → {current.get(k)!r})" for k in differing[:4])
-        raise CheckpointError(
-            f"the checkpoint in '{run_dir}' was made with a different recipe: {shown}; "
-            "resume with the same recipe, or start over with --overwrite"
-        )
-
-
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines written after the checkpoint (a crashed run may have logged later steps)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
-    """The run directory, refused early (before any loading) if it holds another run."""
-    run_dir = Path(recipe.run.output_dir) / recipe.run.name
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run directory '{run_dir}' exists and is not a directory")
-    if resume and overwrite:
-        raise RunDirError("--resume and --overwrite contradict each other; choose one")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
-        raise RunDirError(
-            f"run directory '{run_dir}' is not empty; pass --resume to continue it or --overwrite to replace it"
-        )
-    return run_dir
-
-
-def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
-    """The checkpoint to continue `run_dir` from: the latest, or the one named (which must be the run's own)."""
-    if isinstance(resume, str) and resume:
-        path = Path(resume).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"checkpoint '{path}' does not exist")
-        if not (path / "trainer_state.pt").is_file():
-            raise CheckpointError(f"'{path}' is not a krpo checkpoint (no trainer_state.pt)")
-        owner = path.resolve().parent.parent
-        if owner != run_dir.resolve():
-            # Another run's checkpoint was made with that run's recipe and logged that run's steps.
-            hint = (
-                f"; to continue that run: krpo train {owner / 'recipe.yaml'} --resume-from {path}"
-                if (owner / "recipe.yaml").is_file()
-                else ""
-            )
-            raise CheckpointError(f"'{path}' is not a checkpoint of the run '{run_dir}'{hint}")
-        return path
-    remove_partial_checkpoints(run_dir)
-    found = list_checkpoints(run_dir)
-    if not found and not (run_dir.is_dir() and any(run_dir.iterdir())):
-        raise CheckpointError(f"no run to resume: '{run_dir}' does not hold one yet; run without --resume to start it")
-    if not found:
-        raise CheckpointError(f"no checkpoint to resume in '{run_dir}/{CHECKPOINTS}'; start over with --overwrite")
-    return found[-1]
-
-
-def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
-    """Create the run directory (replacing an old run) and save the recipe as written and as resolved."""
-    try:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_resolved_recipe(run_dir, recipe)
-        (run_dir / "recipe.original.yaml").write_text(recipe_text, encoding="utf-8")
-    except OSError as err:
-        raise RunDirError(f"cannot write the run directory '{run_dir}': {err.strerror or err}") from None
-    return run_dir
-
-
-def save_resolved_recipe(run_dir: Path, recipe: Recipe) -> None:
-    """recipe.yaml: every key's value; a resumption rewrites it with the keys it may change (train.steps, …)."""
-    (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe), encoding="utf-8")
 
 
 def seed_everything(seed: int) -> None:
@@ -338,7 +215,7 @@ def train(
         run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
                     "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine,
                     "processes": dist.world_size}
-        (run_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n", encoding="utf-8")
+        write_run_info(run_dir, run_info)
     trainable = [p for p in model.parameters() if p.requires_grad]
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
@@ -370,16 +247,15 @@ def train(
         dist.restore_rng(state, cfg.run.seed, state["step"])
         first_step = state["step"] + 1
         if dist.is_main:
-            for name in ("metrics.jsonl", "samples.jsonl"):
+            for name in (METRICS, SAMPLES):
                 truncate_jsonl(run_dir / name, state["step"])
         console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False, markup=False)
     dist.broadcast_parameters(trainable)
     reward_history = []
     if dist.is_main:
         metrics_log = MetricsLogger(run_dir, recipe, first_step)  # creates metrics.jsonl (append mode)
-        samples_log = JsonlWriter(run_dir / "samples.jsonl")
-        logged = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-        reward_history = [json.loads(line)["reward_mean"] for line in logged if line]
+        samples_log = JsonlWriter(run_dir / SAMPLES)
+        reward_history = logged_rewards(run_dir)
     consecutive_skips = 0
 
     def checkpoint_now(step: int) -> Path:
@@ -565,7 +441,7 @@ def train(
     if dist.is_main:
         metrics_log.close()
         samples_log.close()
-        save_adapter(model, run_dir / "adapter")
+        save_adapter(model, run_dir / ADAPTER)
     dist.close()  # a barrier: when any rank returns, the adapter is written
     if not dist.is_main:
         return run_dir
@@ -574,7 +450,7 @@ def train(
     first, last = quarter_means(reward_history)
     console.print(
         f"done: {counted(opt.steps, 'step')} · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
-        f"adapter saved to {run_dir / 'adapter'}",
+        f"adapter saved to {run_dir / ADAPTER}",
         highlight=False,
         markup=False,
     )

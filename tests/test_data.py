@@ -239,7 +239,7 @@ def test_empty_parquet_has_no_rows(tmp_path, capfd):
 
 def test_relative_file_path_is_stored_absolute_and_resumes(tmp_path, monkeypatch):
     from krpo_cli.config import Recipe, recipe_to_yaml
-    from krpo_cli.train import check_resumable
+    from krpo_cli.run_dir import check_resumable
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
     work.mkdir(), elsewhere.mkdir()

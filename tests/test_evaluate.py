@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from krpo_cli import train as train_module
 from krpo_cli.cli import app
 from krpo_cli.config import Recipe
-from krpo_cli.evaluate import adapter_label, breakdown, grouping_columns, resolve_target, summarise
+from krpo_cli.evaluate import breakdown, grouping_columns, resolve_target, summarise
+from krpo_cli.run_dir import adapter_label
 from conftest import make_adapter, read_jsonl, tiny_recipe, write_recipe
 
 runner = CliRunner()

@@ -89,7 +89,7 @@ def test_merge_refuses_to_write_over_its_input(tmp_path, adapter_dir):
 
 
 def test_a_checkpoints_adapter_is_merged_with_its_runs_recipe(tmp_path, tiny_model_dir):
-    from krpo_cli.merge import find_adapter
+    from krpo_cli.run_dir import find_adapter
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

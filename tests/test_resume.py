@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from krpo_cli import train as train_module
-from krpo_cli.checkpoint import list_checkpoints
+from krpo_cli.run_dir import list_checkpoints
 from krpo_cli.cli import app
 from krpo_cli.config import Recipe
 from krpo_cli.rewards import Grade
@@ -193,29 +193,29 @@ def test_a_key_added_to_krpo_after_the_run_started_does_not_block_resume(tmp_pat
     """Runs saved before a recipe key existed resume if the key is at its default, and only then."""
     import yaml
 
-    from krpo_cli.checkpoint import CheckpointError
     from krpo_cli.config import recipe_to_yaml
+    from krpo_cli.run_dir import CheckpointError, check_resumable
 
     recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path))
     saved = yaml.safe_load(recipe_to_yaml(recipe))
     del saved["generation"]["engine"], saved["algorithm"]["kalman"]["scope"]  # as written by an older krpo
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
-    train_module.check_resumable(tmp_path, recipe)
+    check_resumable(tmp_path, recipe)
     changed = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, generation={"engine": "transformers"}))
     with pytest.raises(CheckpointError, match="generation.engine"):
-        train_module.check_resumable(tmp_path, changed)
+        check_resumable(tmp_path, changed)
 
 
 def test_resume_without_a_checkpoint_says_what_to_do(tmp_path):
-    from krpo_cli.checkpoint import CheckpointError
+    from krpo_cli.run_dir import CheckpointError, find_resume_checkpoint
 
     run_dir = tmp_path / "runs" / "new"
     with pytest.raises(CheckpointError, match="no run to resume.*run without --resume"):
-        train_module.find_resume_checkpoint(run_dir, True)  # nothing there yet: just start it
+        find_resume_checkpoint(run_dir, True)  # nothing there yet: just start it
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("")
     with pytest.raises(CheckpointError, match="no checkpoint to resume.*--overwrite"):
-        train_module.find_resume_checkpoint(run_dir, True)  # a run that never saved one
+        find_resume_checkpoint(run_dir, True)  # a run that never saved one
 
 
 def test_a_resume_on_changed_data_is_refused(tmp_path, tiny_model_dir):

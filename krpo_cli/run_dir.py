@@ -1,0 +1,262 @@
+"""The run directory: the files of a run, finding a run, and checking one before it starts or resumes.
+
+`krpo train` writes, and `krpo eval` and `krpo merge` read, one layout:
+
+```
+runs/<name>/
+  recipe.yaml            the resolved recipe, every key's value (a resumption rewrites the keys it may change)
+  recipe.original.yaml   the recipe as written
+  run_info.json          what training actually used: quantization, dtype, device, model path, engine, processes
+  metrics.jsonl          one line per step
+  samples.jsonl          a few completions per step
+  adapter/               the trained LoRA adapter (PEFT's standard files)
+  checkpoints/step_NNNNNN/   adapter + resumable state (krpo_cli.checkpoint)
+  eval/                  krpo eval's results
+  merged/                krpo merge's standalone model, which keeps the recipe as krpo_recipe.yaml
+```
+
+An adapter is found back to its run from `RUN/adapter` or `RUN/checkpoints/step_N/adapter`:
+the run's recipe holds the prompt and grader the adapter learned with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.errors import KrpoError
+
+RECIPE = "recipe.yaml"
+RECIPE_ORIGINAL = "recipe.original.yaml"
+RUN_INFO = "run_info.json"
+METRICS = "metrics.jsonl"
+SAMPLES = "samples.jsonl"
+ADAPTER = "adapter"
+CHECKPOINTS = "checkpoints"
+MERGED = "merged"
+RECIPE_IN_MODEL_DIR = "krpo_recipe.yaml"  # written by `krpo merge` so a merged model keeps its prompt and grader
+_STEP_DIR = re.compile(r"step_(\d{6,})")
+
+
+class RunDirError(KrpoError):
+    """The run directory cannot be used as asked."""
+
+
+class CheckpointError(KrpoError):
+    """A checkpoint cannot be used to resume; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------
+# Finding a run
+
+def run_dir_of(recipe: Recipe) -> Path:
+    """Where a recipe's run lives: run.output_dir/run.name."""
+    return Path(recipe.run.output_dir) / recipe.run.name
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / RECIPE).is_file() and (path / ADAPTER).is_dir()
+
+
+def run_of_adapter(adapter: Path) -> Path | None:
+    """The run an adapter was trained in (RUN/adapter, or a checkpoint's RUN/checkpoints/step_N/adapter):
+    its recipe holds the prompt and grader the adapter learned with."""
+    holder = Path(os.path.abspath(adapter)).parent  # abspath: "." names the adapter folder; symlinks kept
+    if is_run_dir(holder):
+        return holder
+    if holder.parent.name == CHECKPOINTS and (holder.parent.parent / RECIPE).is_file():
+        return holder.parent.parent
+    return None
+
+
+def find_adapter(source: Path) -> tuple[Path, Path | None]:
+    """(adapter directory, run directory or None) for a run directory or an adapter directory."""
+    if is_run_dir(source):
+        return source / ADAPTER, source
+    if (source / "adapter_config.json").is_file():
+        return source, run_of_adapter(source)  # RUN/adapter, or a checkpoint's: its recipe and run_info
+    raise RunDirError(f"'{source}' is neither a run directory (recipe.yaml + adapter/) nor a PEFT adapter directory")
+
+
+def adapter_label(adapter: Path) -> str:
+    """A short name for an adapter, for its default output folder: the run's name for RUN/adapter,
+    RUN-step_N for a checkpoint's RUN/checkpoints/step_N/adapter, else the folder's own name."""
+    folder = adapter.resolve()
+    if folder.name != ADAPTER:
+        return folder.name
+    holder = folder.parent
+    if holder.parent.name == CHECKPOINTS:
+        return f"{holder.parent.parent.name}-{holder.name}"
+    return holder.name
+
+
+def read_run_info(run_dir: Path | None) -> dict:
+    """run_info.json of a run ({} when there is no run or no file)."""
+    path = run_dir / RUN_INFO if run_dir else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise RunDirError(f"'{path}' is not valid JSON; delete it to merge without the NF4 default") from None
+    return info if isinstance(info, dict) else {}
+
+
+def write_run_info(run_dir: Path, info: dict) -> None:
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Starting a run
+
+def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
+    """The run directory, refused early (before any loading) if it holds another run."""
+    run_dir = run_dir_of(recipe)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run directory '{run_dir}' exists and is not a directory")
+    if resume and overwrite:
+        raise RunDirError("--resume and --overwrite contradict each other; choose one")
+    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
+        raise RunDirError(
+            f"run directory '{run_dir}' is not empty; pass --resume to continue it or --overwrite to replace it"
+        )
+    return run_dir
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
+    """Create the run directory (replacing an old run) and save the recipe as written and as resolved."""
+    try:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_resolved_recipe(run_dir, recipe)
+        (run_dir / RECIPE_ORIGINAL).write_text(recipe_text, encoding="utf-8")
+    except OSError as err:
+        raise RunDirError(f"cannot write the run directory '{run_dir}': {err.strerror or err}") from None
+    return run_dir
+
+
+def save_resolved_recipe(run_dir: Path, recipe: Recipe) -> None:
+    """recipe.yaml: every key's value; a resumption rewrites it with the keys it may change (train.steps, …)."""
+    (run_dir / RECIPE).write_text(recipe_to_yaml(recipe), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming a run
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(_STEP_DIR.fullmatch(p.name).group(1)))
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Temporary directories left by a process killed while writing a checkpoint."""
+    root = run_dir / CHECKPOINTS
+    if root.is_dir():
+        for path in root.glob(".tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
+    """The checkpoint to continue `run_dir` from: the latest, or the one named (which must be the run's own)."""
+    if isinstance(resume, str) and resume:
+        path = Path(resume).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"checkpoint '{path}' does not exist")
+        if not (path / "trainer_state.pt").is_file():
+            raise CheckpointError(f"'{path}' is not a krpo checkpoint (no trainer_state.pt)")
+        owner = path.resolve().parent.parent
+        if owner != run_dir.resolve():
+            # Another run's checkpoint was made with that run's recipe and logged that run's steps.
+            hint = (
+                f"; to continue that run: krpo train {owner / RECIPE} --resume-from {path}"
+                if (owner / RECIPE).is_file()
+                else ""
+            )
+            raise CheckpointError(f"'{path}' is not a checkpoint of the run '{run_dir}'{hint}")
+        return path
+    remove_partial_checkpoints(run_dir)
+    found = list_checkpoints(run_dir)
+    if not found and not (run_dir.is_dir() and any(run_dir.iterdir())):
+        raise CheckpointError(f"no run to resume: '{run_dir}' does not hold one yet; run without --resume to start it")
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume in '{run_dir}/{CHECKPOINTS}'; start over with --overwrite")
+    return found[-1]
+
+
+# Keys that may differ between a run and its resumption: they do not change what was computed so far.
+RESUMABLE_CHANGES = ("train.steps", "output.", "eval.", "generation.batch_size", "train.max_consecutive_skips")
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_default(dotted_key: str):
+    """The default of a recipe key such as "algorithm.kalman.scope" (None if it has none)."""
+    section, *path = dotted_key.split(".")
+    model, field = Recipe, section
+    try:
+        for name in path:
+            model, field = model.model_fields[field].annotation, name
+        default = model.model_fields[field].get_default(call_default_factory=True)
+    except (KeyError, AttributeError, TypeError):
+        return None
+    return default.model_dump(mode="json") if hasattr(default, "model_dump") else default
+
+
+def check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
+    saved_path = run_dir / RECIPE
+    try:
+        raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+        saved = flatten(raw)
+    except (OSError, yaml.YAMLError, AttributeError):
+        raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None
+    try:  # read as krpo reads recipes now: a relative data.path saved by an older krpo is made absolute
+        saved = flatten(Recipe.model_validate(raw).model_dump(mode="json"))
+    except ValidationError:
+        pass  # e.g. a key krpo no longer has: compared as saved, and reported as a difference
+    current = flatten(recipe.model_dump(mode="json"))
+    # A key the saved recipe lacks was added to krpo after the run started: it ran with the default.
+    saved = {key: saved[key] if key in saved else recipe_default(key) for key in set(saved) | set(current)}
+    differing = sorted(
+        key for key in saved if saved.get(key) != current.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    )
+    if differing:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} → {current.get(k)!r})" for k in differing[:4])
+        raise CheckpointError(
+            f"the checkpoint in '{run_dir}' was made with a different recipe: {shown}; "
+            "resume with the same recipe, or start over with --overwrite"
+        )
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop lines written after the checkpoint (a crashed run may have logged later steps)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def logged_rewards(run_dir: Path) -> list[float]:
+    """reward_mean of every step in metrics.jsonl, in order."""
+    lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["reward_mean"] for line in lines if line]
