@@ -14,11 +14,41 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from krpo_cli import __version__
 from krpo_cli.errors import KrpoError
 
+# Usage errors are click's ClickException, which Typer re-exports only through BadParameter (recent Typer
+# versions carry their own copy of click, so `import click` would name another class).
+_ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class _OneLineErrors(TyperGroup):
+    """krpo's commands, whose usage errors (an unknown option, `--limit x`) are one line and exit 2, like
+    every other mistake, instead of Typer's boxed panel."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _ClickException as err:
+            if type(err).__name__ == "NoArgsIsHelpError":  # `krpo` alone: the help was printed
+                sys.exit(err.exit_code)
+            where = getattr(err, "ctx", None)
+            hint = f" (see {where.command_path} --help)" if where is not None else ""
+            message = " ".join(err.format_message().split())  # click may wrap a message over lines
+            errors.print(f"[bold red]error:[/] {escape(message + hint)}", highlight=False, soft_wrap=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            errors.print("aborted", highlight=False, markup=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="krpo",
     help="Fine-tune small LLMs for reasoning with KRPO (GRPO with a Kalman-filter baseline) and LoRA.",
     no_args_is_help=True,
@@ -48,6 +78,14 @@ def report(err: Exception) -> None:
         lines = [f"{err.source}: {len(err.problems)} problems"] + [f"  - {p}" for p in err.problems]
         fail("\n".join(lines))
     fail(str(err))
+
+
+def warn_ineffective(recipe) -> None:
+    """A warning on stderr for each key the recipe sets that its other settings make inert."""
+    from krpo_cli.config import ineffective_keys
+
+    for key in ineffective_keys(recipe):
+        errors.print(f"warning: {key} has no effect", highlight=False, markup=False, soft_wrap=True)
 
 
 def version_callback(value: bool) -> None:
@@ -94,9 +132,11 @@ def train(
         if seeds is not None:
             from krpo_cli.multi_seed import train_seeds
 
+            warn_ineffective(load_recipe(recipe, overrides or [])[0])
             train_seeds(recipe, overrides or [], seeds, overwrite=overwrite, resume=resume, console=console)
         else:
             loaded, text = load_recipe(recipe, overrides or [])
+            warn_ineffective(loaded)
             run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
         errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}",
@@ -128,7 +168,7 @@ def validate(
     from krpo_cli.config import load_recipe
 
     try:
-        load_recipe(recipe, overrides or [])
+        warn_ineffective(load_recipe(recipe, overrides or [])[0])
     except KrpoError as err:
         report(err)
     console.print(f"{recipe}: ok", markup=False)

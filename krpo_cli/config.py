@@ -479,7 +479,8 @@ def _attribute(problem: str, error: dict, overrides: list[str]) -> str:
     key = ".".join(str(p) for p in error["loc"]) or re.match(r"[\w.]*", problem).group()
     for item in reversed(overrides):  # of two overrides of one key the last is the one merged
         overridden = item.partition("=")[0]
-        shown = item if len(item) <= 80 else item[:77] + "…"  # the value may be long: the key is what matters
+        shown = item if item.isprintable() else repr(item)[1:-1]  # a newline in a value would make two lines
+        shown = shown if len(shown) <= 80 else shown[:77] + "…"  # the value may be long: the key is what matters
         if key == overridden or key.startswith(overridden + "."):
             return f"{problem}, set on the command line by '{shown}'"
         if error["type"] == "extra_forbidden" and overridden.startswith(key + "."):  # `trian.steps=3`
@@ -548,8 +549,10 @@ def _override_value(path: list[str], value: str) -> Any:
         return ""
     try:
         return _load_yaml(value)
+    except RefusedYAML:
+        raise  # parse_overrides reports it
     except yaml.YAMLError:
-        return value
+        return value  # not YAML: the text as written, which the key's type then accepts or refuses
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -561,7 +564,12 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             problems.append(f"override '{item}' is not of the form key.path=value")
             continue
-        parsed = _override_value(key.split("."), value)
+        try:
+            parsed = _override_value(key.split("."), value)
+        except RefusedYAML as err:
+            shown = item if len(item) <= 60 else item[:57] + "…"
+            problems.append(f"override '{shown}': {yaml_problem(err)}")
+            continue
         node = nested
         parts = key.split(".")
         for part in parts[:-1]:
@@ -592,6 +600,10 @@ MAX_YAML_DEPTH = 32
 MAX_YAML_VALUES = 100_000
 
 
+class RefusedYAML(yaml.composer.ComposerError):
+    """YAML that parses, but that a recipe refuses (see RecipeLoader)."""
+
+
 class RecipeLoader(yaml.SafeLoader):
     """yaml.SafeLoader that also refuses a key written twice in one mapping, nesting deeper than
     MAX_YAML_DEPTH, and aliases that refer to themselves or expand past MAX_YAML_VALUES values."""
@@ -603,7 +615,7 @@ class RecipeLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self._depth >= MAX_YAML_DEPTH:
             mark = self.peek_event().start_mark
-            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            raise RefusedYAML(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
         self._depth += 1
         try:
             return super().compose_node(parent, index)
@@ -623,7 +635,7 @@ class RecipeLoader(yaml.SafeLoader):
                     continue
                 first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
                 if first is not key_node.start_mark:
-                    raise yaml.constructor.ConstructorError(
+                    raise RefusedYAML(
                         None, None, f"key '{key_node.value}' is written twice (first at line {first.line + 1})",
                         key_node.start_mark,
                     )
@@ -653,18 +665,18 @@ def _check_expansion(root: yaml.Node | None) -> None:
             size[key] = 1 + sum(size[id(c)] for c in children)
             depth[key] = 1 + max((depth[id(c)] for c in children), default=0)
             if size[key] > MAX_YAML_VALUES:
-                raise yaml.composer.ComposerError(
-                    None, None, f"aliases expand to more than {MAX_YAML_VALUES:,} values", node.start_mark
+                raise RefusedYAML(
+                    None, None, f"more than {MAX_YAML_VALUES:,} values, counting each alias as what it stands for", node.start_mark
                 )
             if depth[key] > MAX_YAML_DEPTH:
-                raise yaml.composer.ComposerError(
+                raise RefusedYAML(
                     None, None, f"aliases expand to nesting deeper than {MAX_YAML_DEPTH} levels", node.start_mark
                 )
             continue
         if key in size:
             continue
         if key in open_nodes:
-            raise yaml.composer.ComposerError(None, None, "an alias refers to the value that contains it", node.start_mark)
+            raise RefusedYAML(None, None, "an alias refers to the value that contains it", node.start_mark)
         open_nodes.add(key)
         stack.append((node, True))
         stack.extend((c, False) for c in children)

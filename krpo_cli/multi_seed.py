@@ -15,17 +15,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from krpo_cli.compare import Smoothing, compare
-from krpo_cli.config import Recipe, RecipeError, load_recipe
+from krpo_cli.config import MAX_SEED, Recipe, RecipeError, load_recipe
 
 
 def parse_seeds(text: str) -> list[int]:
     """'1,2,3' → [1, 2, 3]; anything else (empty items, non-integers, repeats) is a RecipeError."""
     seeds = []
     for item in text.split(","):
-        try:
-            seeds.append(int(item.strip()))
-        except ValueError:
-            raise RecipeError([f"'{item.strip()}' is not an integer seed (expected a comma list like 1,2,3)"], "--seeds") from None
+        item = item.strip()
+        if not (item.isascii() and item.isdigit()) or int(item) > MAX_SEED:  # as run.seed takes: 0 .. 2**32 - 1
+            raise RecipeError(
+                [f"'{item}' is not a seed: a whole number from 0 to {MAX_SEED} (expected a comma list like 1,2,3)"],
+                "--seeds",
+            )
+        seeds.append(int(item))
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise RecipeError([f"seed {repeated[0]} is given twice"], "--seeds")

@@ -227,7 +227,7 @@ def test_a_long_wrong_value_is_quoted_short():
         ("data:\n  filters: &f {x: [*f]}\n", "an alias refers to the value that contains it"),
         ("a: &a [" + ",".join(['"lol"'] * 9) + "]\n"
          + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi")),
-         "aliases expand to more than 100,000 values"),
+         "more than 100,000 values, counting each alias"),
     ],
     ids=["empty", "comments only", "key twice", "20000 brackets", "self alias", "self alias in a list", "alias bomb"],
 )
@@ -254,7 +254,7 @@ def test_aliases_and_merge_keys_within_limits_still_work(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("data.filters.x=" + "[" * 20_000 + "]" * 20_000, "data.filters.x: Input should be a valid list"),
+        ("data.filters.x=" + "[" * 20_000 + "]" * 20_000, "nested deeper than 32 levels"),
         ("run.name=caf\udce9", "run.name: is not valid Unicode text"),  # invalid UTF-8 in argv
         ("data.system_prompt=a\0b", "data.system_prompt: contains a NUL character"),
     ],
