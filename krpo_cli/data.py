@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -93,6 +94,8 @@ def _json_records(path: Path) -> list[dict] | None:
         document = json.loads(text)
     except json.JSONDecodeError as err:
         document_error = err  # JSON Lines, or a malformed document
+    except RecursionError:
+        pass  # nested past Python's limit: the line reading below says which line
     else:
         if isinstance(document, list):
             for number, record in enumerate(document, 1):
@@ -112,6 +115,8 @@ def _json_records(path: Path) -> list[dict] | None:
             if document_error is not None and not records:  # a (pretty-printed) document, not lines
                 err, number = document_error, document_error.lineno
             raise DataError(f"dataset file '{path}' line {number}: not valid JSON: {err.msg} (column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"dataset file '{path}' line {number}: JSON nested too deeply to read") from None
         if not isinstance(record, dict):
             raise DataError(f"dataset file '{path}' line {number}: not a JSON object ({type(record).__name__})")
         records.append(record)
@@ -202,12 +207,21 @@ def _load_table(settings: DataSettings, split_name: str) -> Sequence[dict] | Non
 
 
 def _missing(value) -> bool:
-    """A question or answer cell that holds nothing: absent, null, NaN or blank text."""
-    if value is None:
+    """A question or answer cell that holds no usable text: absent, null, NaN, blank text, or a list
+    or mapping (which would be asked, or graded against, as its Python repr)."""
+    if value is None or not isinstance(value, (str, int, float)):
         return True
     if isinstance(value, float):
         return math.isnan(value)
     return isinstance(value, str) and not value.strip()
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _text(value) -> str:
+    """A cell as text; a lone surrogate (JSON allows "\\ud800", no text encoding does) becomes U+FFFD."""
+    return _SURROGATE.sub("\ufffd", str(value))
 
 
 def _normalise(record: dict, settings: DataSettings) -> dict | None:
@@ -219,7 +233,7 @@ def _normalise(record: dict, settings: DataSettings) -> dict | None:
     question, answer = record.get(settings.question_field), record.get(settings.answer_field)
     if _missing(question) or _missing(answer):
         return None
-    answer = str(answer)  # a JSON int 30 gives "30"; a float 30.0 stays "30.0", as the user wrote it
+    answer = _text(answer)  # a JSON int 30 gives "30"; a float 30.0 stays "30.0", as the user wrote it
     if settings.answer_format == "auto":
         answer = reference_from_solution(answer)
     elif settings.answer_format == "gsm8k":
@@ -228,11 +242,11 @@ def _normalise(record: dict, settings: DataSettings) -> dict | None:
         answer = extract_boxed(answer) or answer.strip()
     if not answer.strip():  # e.g. an empty \boxed{}
         return None
-    row = {"question": str(question), "answer": answer}
+    row = {"question": _text(question), "answer": answer}
     for key, value in record.items():
         if key not in (settings.question_field, settings.answer_field) and isinstance(value, (str, int, bool)):
             if not isinstance(value, str) or len(value) <= 100:  # keep labels, not long texts
-                row[key] = value
+                row[key] = _text(value) if isinstance(value, str) else value
     return row
 
 
@@ -254,7 +268,7 @@ def _usable_rows(records: Sequence[dict], settings: DataSettings, where: str) ->
     if records and not rows:
         raise DataError(
             f"{where}: none of its {len(records)} rows has both a question ('{fields[0]}') and an answer "
-            f"('{fields[1]}'); set data.question_field / data.answer_field"
+            f"('{fields[1]}') as text; set data.question_field / data.answer_field"
         )
     return rows, len(records) - len(rows)
 
@@ -264,7 +278,7 @@ def _rows(records: Sequence[dict], settings: DataSettings, where: str) -> list[d
     if skipped:
         _note(
             f"data: skipped {skipped} of {len(records)} rows of {where} with an empty or missing "
-            f"'{settings.question_field}' or '{settings.answer_field}'"
+            f"'{settings.question_field}' or '{settings.answer_field}', or one that is a list or mapping, not text"
         )
     return rows
 
@@ -375,6 +389,43 @@ def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+def prompt_token_budget(model, tokenizer, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that leave room for max_new_tokens in the model's context; None if unknown."""
+    sizes = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
+             getattr(tokenizer, "model_max_length", None)]
+    known = [size for size in sizes if isinstance(size, int) and 0 < size < 10**7]  # tokenizers say 1e30 for none
+    return min(known) - max_new_tokens if known else None
+
+
+def drop_overlong(rows: list[dict], tokenizer, settings: DataSettings, budget: int | None, where: str) -> list[dict]:
+    """The rows whose prompt fits in `budget` tokens; the others are skipped, with a note.
+
+    A question of 100 KB would otherwise be generated from with a context the model does not have
+    and a memory need that grows with its square. Only a prompt whose UTF-8 length exceeds the
+    budget is tokenized: a token is at least one byte.
+    """
+    if budget is None or not rows:
+        return rows
+    overhead = len(build_prompt(tokenizer, settings, "").encode("utf-8")) + 8
+
+    def fits(question: str) -> bool:
+        if overhead + len(question.encode("utf-8")) <= budget:
+            return True
+        prompt = build_prompt(tokenizer, settings, question)
+        return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
+
+    kept = [row for row in rows if fits(row["question"])]
+    if not kept:
+        raise DataError(
+            f"no question of {where} fits the model's context: each prompt has more than {max(budget, 0)} tokens "
+            "(the context less generation.max_new_tokens); shorten them, or lower generation.max_new_tokens"
+        )
+    if len(kept) < len(rows):
+        _note(f"data: skipped {len(rows) - len(kept)} of {len(rows)} rows of {where} whose prompt has more than "
+              f"{budget} tokens (the model's context less generation.max_new_tokens)")
+    return kept
 
 
 def rows_digest(rows: list[dict]) -> str:

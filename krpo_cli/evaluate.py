@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from krpo_cli.config import Recipe, load_recipe
-from krpo_cli.data import build_prompt, load_eval_rows
+from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
 from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
 from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
 from krpo_cli.rewards import get_grader
@@ -240,6 +240,8 @@ def run_eval(
     if target.adapter is not None:
         model = load_adapter(model, target.adapter, target.model)
     model.eval()
+    budget = prompt_token_budget(model, tokenizer, max_new_tokens or recipe.generation.max_new_tokens)
+    rows = drop_overlong(rows, tokenizer, recipe.data, budget, dataset_name)  # a 100 KB question: skipped
     # Made once the model has loaded (a mistyped model leaves no empty folder), before the long part.
     try:
         target.output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,11 @@ shuffled minibatches of completions, clipped surrogate + β·KL, backward, clip,
 step (UPDATE) → metrics.jsonl, samples.jsonl and the progress bar (LOG). The adapter is
 saved in PEFT's standard files at the end.
 
+`train` reads as those phases: `prepare_run` (checks, data, model, run directory, optimizer,
+resumed state: one `Run` record), then per step `collect_rollout` (ROLLOUT, REWARD, ADVANTAGE →
+a `Batch`), `update_policy`, `step_metrics` and `log_step`, a checkpoint (`save_step`) when due,
+and `finish`.
+
 Simplifications worth knowing: one rollout batch per step (no replay buffer across
 steps); when one optimizer step consumes the whole rollout batch, the "old" log-probs
 are the current policy's, detached, which is exactly what a stored copy would hold.
@@ -20,6 +25,8 @@ import signal
 import statistics
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +37,13 @@ from rich.markup import escape
 from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import checkpoint_summary, load_checkpoint, save_checkpoint, set_rng_state
 from krpo_cli.config import Recipe, RecipeError, TrainSettings
-from krpo_cli.data import PromptSampler, build_prompt, load_rows, rows_digest
+from krpo_cli.data import PromptSampler, build_prompt, drop_overlong, load_rows, prompt_token_budget, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
+from krpo_cli.losses import policy_loss
+from krpo_cli.models import LoadedModel, load_policy, save_adapter
+from krpo_cli.rewards import get_grader
+from krpo_cli.rollout import Rollout, completion_log_probs, generate_rollout, pick_engine
 from krpo_cli.run_dir import (
     ADAPTER,
     METRICS,
@@ -49,10 +60,6 @@ from krpo_cli.run_dir import (
     write_run_info,
 )
 from krpo_cli.run_log import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
-from krpo_cli.losses import policy_loss
-from krpo_cli.models import load_policy, save_adapter
-from krpo_cli.rewards import get_grader
-from krpo_cli.rollout import completion_log_probs, generate_rollout, pick_engine
 
 
 class TrainingInterrupted(Exception):
@@ -158,6 +165,65 @@ def quarter_means(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values[:k]), statistics.fmean(values[-k:])
 
 
+@dataclass
+class Run:
+    """What a training run holds from its first step to its last."""
+
+    recipe: Recipe
+    console: Console
+    dist: DistributedContext
+    run_dir: Path
+    loaded: LoadedModel
+    engine: str  # the decoder that samples rollouts
+    grader: Callable
+    data_digest: str  # of the training rows: a resume needs the same
+    eval_rows: list[dict]
+    trainable: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    sampler: PromptSampler
+    shuffle: torch.Generator  # advantages' tie-breaks and the minibatch order
+    baselines: PromptBaselines | None  # kalman.scope: prompt
+    first_step: int = 1
+    metrics_log: MetricsLogger | None = None  # rank 0 only, as is samples_log
+    samples_log: JsonlWriter | None = None
+    reward_history: list[float] = field(default_factory=list)
+    consecutive_skips: int = 0
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+
+@dataclass
+class Batch:
+    """One step's rollout, graded, with its advantages. Figures are the global batch's; rows and
+    rollout are this process's share of whole prompts."""
+
+    rows: list[dict]
+    rollout: Rollout
+    grades: list
+    rewards: torch.Tensor  # (prompts·G,) float32, as are correct, formatted and lengths
+    correct: torch.Tensor
+    formatted: torch.Tensor
+    lengths: torch.Tensor
+    groups: torch.Tensor  # rewards as (prompts, G)
+    all_advantages: torch.Tensor  # (prompts·G,)
+    advantages: torch.Tensor  # this process's rows, on the model's device
+
+
+@dataclass
+class UpdateStats:
+    """What the policy update of one step did."""
+
+    started: float  # time.perf_counter() when the update began
+    losses: list[float] = field(default_factory=list)  # one per optimizer step taken
+    grad_norms: list[float] = field(default_factory=list)
+    kls: list[float] = field(default_factory=list)  # one per sequence trained on
+    clip_fracs: list[float] = field(default_factory=list)
+    skipped: int = 0
+
+
 def train(
     recipe: Recipe,
     recipe_text: str = "",
@@ -171,13 +237,75 @@ def train(
     Under `accelerate launch`/`torchrun` every process runs this loop on its share of the prompts;
     rank 0 alone writes and prints (docs/distributed.md).
     """
-    cfg, alg, gen, opt = recipe, recipe.algorithm, recipe.generation, recipe.train
     dist = DistributedContext.from_env()  # one process: no process group, every helper a no-op
-    dist.check_prompts_per_step(opt.prompts_per_step)
+    dist.check_prompts_per_step(recipe.train.prompts_per_step)
     console = (console or Console()) if dist.is_main else Console(quiet=True)
-    device = device or dist.device
+    run = prepare_run(recipe, recipe_text, overwrite, resume, console, dist, device or dist.device)
+    steps = recipe.train.steps
+    with StepProgress(console, steps, run.first_step - 1) as progress, StopRequest(console) as stop:
+        for step in range(run.first_step, steps + 1):
+            step_started = time.perf_counter()
+            step_lr = run.scheduler.get_last_lr()[0]  # the rate of the step's first update: logged as "lr"
+            batch = collect_rollout(run)
+            update = update_policy(run, batch, step)
+            metrics = step_metrics(run, batch, update, step, step_lr, step_started)
+            log_step(run, batch, metrics)
+            progress.update(metrics)
+            stopping = dist.any(stop.signal is not None)  # all ranks stop at the same step
+            if step % recipe.output.save_every == 0 or step == steps or stopping:
+                saved = save_step(run, step)
+                if stopping and step < steps:
+                    close_logs(run)
+                    raise TrainingInterrupted(step, saved)
+    return finish(run)
+
+
+# ---------------------------------------------------------------------------------------
+# Preparing the run
+
+def prepare_run(recipe: Recipe, recipe_text: str, overwrite: bool, resume: str | bool, console: Console,
+                dist: DistributedContext, device: torch.device) -> Run:
+    """Checks, data, model, run directory, optimizer, the resumed state and the logs: all before step 1."""
+    run_dir, checkpoint, rows, data_digest, eval_rows = check_before_loading(recipe, overwrite, resume)
+    grader = get_grader(recipe.reward.grader)
+    loaded = load_policy(recipe.model, recipe.lora, recipe.run.seed, device)
+    budget = prompt_token_budget(loaded.model, loaded.tokenizer, recipe.generation.max_new_tokens)  # a 100 KB question is skipped, not run out of memory on
+    rows = drop_overlong(rows, loaded.tokenizer, recipe.data, budget, "the training data")
+    eval_rows = drop_overlong(eval_rows, loaded.tokenizer, recipe.data, budget, "the held-out data")
+    engine = pick_engine(loaded.model, recipe.generation.engine)
+    dist.seed_sampling(recipe.run.seed)  # after the LoRA init, which is the same on every rank
+    dist.barrier()  # every rank has checked the run directory before rank 0 replaces it
+    if dist.is_main:
+        write_run_files(run_dir, recipe, recipe_text, loaded, engine, dist.world_size, fresh=checkpoint is None)
+    trainable = [p for p in loaded.model.parameters() if p.requires_grad]
+    print_header(console, recipe, loaded, trainable, len(rows), run_dir)
+    optimizer = make_optimizer(trainable, recipe.train)
+    warmup = recipe.train.warmup_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    run = Run(
+        recipe, console, dist, run_dir, loaded, engine, grader, data_digest, eval_rows, trainable, optimizer, scheduler,
+        sampler=PromptSampler(rows, recipe.run.seed),
+        shuffle=torch.Generator().manual_seed(recipe.run.seed),
+        baselines=PromptBaselines() if recipe.algorithm.kalman.scope == "prompt" else None,
+    )
+    if checkpoint is not None:
+        restore_checkpoint(run, checkpoint)
+    dist.broadcast_parameters(trainable)
+    if dist.is_main:
+        run.metrics_log = MetricsLogger(run_dir, recipe, run.first_step)  # creates metrics.jsonl (append mode)
+        run.samples_log = JsonlWriter(run_dir / SAMPLES)
+        run.reward_history = logged_rewards(run_dir)
+    return run
+
+
+def check_before_loading(recipe: Recipe, overwrite: bool, resume: str | bool) -> tuple:
+    """Everything a user can get wrong, before the model loads and the run directory is written.
+
+    Returns (run directory, checkpoint to resume or None, training rows, their digest, eval rows).
+    """
+    opt = recipe.train
     run_dir = check_run_dir(recipe, overwrite, bool(resume))
-    checkpoint = None
+    checkpoint = summary = None
     if resume:
         checkpoint = find_resume_checkpoint(run_dir, resume)
         check_resumable(run_dir, recipe)
@@ -188,268 +316,280 @@ def train(
                 f"the checkpoint '{checkpoint}' is at step {done}, past train.steps={opt.steps}; "
                 f"resume with train.steps={done} or more"
             )
-    seed_everything(cfg.run.seed)
-
-    # Everything a user can get wrong is loaded before the run directory is written.
-    check_logging_backends(cfg.output.log_to)
+    seed_everything(recipe.run.seed)
+    check_logging_backends(recipe.output.log_to)
     check_optimizer(opt.optimizer)
-    rows = load_rows(cfg.data, "train")
+    rows = load_rows(recipe.data, "train")
     data_digest = rows_digest(rows)  # the sampler's saved order indexes these rows: a resume needs the same
-    if checkpoint is not None and summary["data_digest"] not in (None, data_digest):
+    if summary is not None and summary["data_digest"] not in (None, data_digest):
         raise CheckpointError(  # (a checkpoint written before krpo kept the digest has None: not checked)
             f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
             "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
         )
-    eval_rows = load_rows(cfg.data, "test")[: cfg.eval.size] if cfg.eval.every else []
-    grader = get_grader(cfg.reward.grader)
-    loaded = load_policy(cfg.model, cfg.lora, cfg.run.seed, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    engine = pick_engine(model, gen.engine)
-    dist.seed_sampling(cfg.run.seed)  # after the LoRA init, which is the same on every rank
-    dist.barrier()  # every rank has checked the run directory before rank 0 replaces it
-    if dist.is_main:
-        if checkpoint is None:
-            prepare_run_dir(run_dir, recipe, recipe_text)
-        else:
-            save_resolved_recipe(run_dir, recipe)
-        run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
-                    "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine,
-                    "processes": dist.world_size}
-        write_run_info(run_dir, run_info)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    eval_rows = load_rows(recipe.data, "test")[: recipe.eval.size] if recipe.eval.every else []
+    return run_dir, checkpoint, rows, data_digest, eval_rows
+
+
+def write_run_files(run_dir: Path, recipe: Recipe, recipe_text: str, loaded: LoadedModel, engine: str,
+                    processes: int, fresh: bool) -> None:
+    """A new run's directory (a resumed one keeps its own), the resolved recipe and run_info.json."""
+    if fresh:
+        prepare_run_dir(run_dir, recipe, recipe_text)
+    else:
+        save_resolved_recipe(run_dir, recipe)
+    run_info = {"quantization": loaded.quantization, "dtype": str(loaded.dtype).removeprefix("torch."),
+                "device": loaded.device.type, "model_path": loaded.path, "generation_engine": engine,
+                "processes": processes}
+    write_run_info(run_dir, run_info)
+
+
+def print_header(console: Console, recipe: Recipe, loaded: LoadedModel, trainable: list, num_rows: int, run_dir: Path) -> None:
     num_trainable = sum(p.numel() for p in trainable)
     console.print(
-        f"[bold]krpo train[/] · {cfg.algorithm.advantage.upper()} · model {escape(cfg.model.name_or_path)} "
+        f"[bold]krpo train[/] · {recipe.algorithm.advantage.upper()} · model {escape(recipe.model.name_or_path)} "
         f"({loaded.quantization}, {str(loaded.dtype).removeprefix('torch.')}, {loaded.device.type}) · "
-        f"LoRA r={cfg.lora.r}, {num_trainable:,} trainable parameters · {counted(len(rows), 'training row')} · "
+        f"LoRA r={recipe.lora.r}, {num_trainable:,} trainable parameters · {counted(num_rows, 'training row')} · "
         f"run dir {escape(str(run_dir))}",
         highlight=False,
     )
 
-    optimizer = make_optimizer(trainable, opt)
-    warmup = opt.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    sampler = PromptSampler(rows, cfg.run.seed)
-    shuffle = torch.Generator().manual_seed(cfg.run.seed)
+
+def restore_checkpoint(run: Run, checkpoint: Path) -> None:
+    """Adapter, optimizer, scheduler, sampler, generators and baselines as they were after the checkpoint's step."""
+    state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
+    run.sampler.load_state(state["sampler"])
+    run.shuffle.set_state(state["shuffle"])
+    set_rng_state(state["rng"])
+    if run.baselines is not None:
+        run.baselines.load_state(state["prompt_baselines"])
+    run.dist.restore_rng(state, run.recipe.run.seed, state["step"])
+    run.first_step = state["step"] + 1
+    if run.dist.is_main:
+        for name in (METRICS, SAMPLES):
+            truncate_jsonl(run.run_dir / name, state["step"])
+    run.console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False, markup=False)
+
+
+# ---------------------------------------------------------------------------------------
+# One step: rollout, update, metrics
+
+def collect_rollout(run: Run) -> Batch:
+    """ROLLOUT: one batched generation for all prompts × G samples; REWARD: the grader that evaluation
+    uses; ADVANTAGE: per prompt, in sampled order."""
+    cfg, alg, gen, dist = run.recipe, run.recipe.algorithm, run.recipe.generation, run.dist
+    global_rows = run.sampler.next_batch(cfg.train.prompts_per_step)
+    rows = dist.shard(global_rows)  # this rank's whole prompts
+    prompts = [build_prompt(run.loaded.tokenizer, cfg.data, row["question"]) for row in rows]
+    rollout = generate_rollout(
+        run.model, run.loaded.tokenizer, prompts, alg.group_size, gen.max_new_tokens,
+        temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, batch_size=gen.batch_size,
+        min_new_tokens=gen.min_new_tokens, engine=run.engine,
+    )
+    answers = [row["answer"] for row in rows for _ in range(alg.group_size)]
+    grades = [run.grader(text, answer) for text, answer in zip(rollout.completions, answers)]
+    rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
+    correct = torch.tensor([g.correct for g in grades], dtype=torch.float64)
+    formatted = torch.tensor([g.formatted for g in grades], dtype=torch.float64)
+    lengths = rollout.completion_mask.sum(dim=1).float()
+    # Every rank gets every rank's figures: advantages and metrics are those of the global batch.
+    rewards, correct, formatted, lengths = dist.gather_rows(rewards, correct, formatted, lengths)
+    groups = rewards.view(cfg.train.prompts_per_step, alg.group_size)
+    # The whole batch on every rank: the same generator draws everywhere.
     kalman = alg.kalman.model_dump(exclude={"scope"})
-    baselines = PromptBaselines() if alg.kalman.scope == "prompt" else None
-    rollout_size = recipe.rollout_size
-    minibatch = opt.minibatch_size
-    optimizer_steps_per_batch = opt.epochs_per_batch * -(-rollout_size // minibatch)
-    first_step = 1
-    if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        sampler.load_state(state["sampler"])
-        shuffle.set_state(state["shuffle"])
-        set_rng_state(state["rng"])
-        if baselines is not None:
-            baselines.load_state(state["prompt_baselines"])
-        dist.restore_rng(state, cfg.run.seed, state["step"])
-        first_step = state["step"] + 1
-        if dist.is_main:
-            for name in (METRICS, SAMPLES):
-                truncate_jsonl(run_dir / name, state["step"])
-        console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False, markup=False)
-    dist.broadcast_parameters(trainable)
-    reward_history = []
-    if dist.is_main:
-        metrics_log = MetricsLogger(run_dir, recipe, first_step)  # creates metrics.jsonl (append mode)
-        samples_log = JsonlWriter(run_dir / SAMPLES)
-        reward_history = logged_rewards(run_dir)
-    consecutive_skips = 0
+    if run.baselines is not None:  # kalman.scope: prompt — a prompt's filter goes on from its last visit
+        questions = [row["question"] for row in global_rows]
+        all_advantages = run.baselines.advantages(groups, questions, generator=run.shuffle, **kalman)
+    else:
+        all_advantages = compute_advantages(groups, alg.advantage, run.shuffle, **kalman)
+    all_advantages = all_advantages.flatten()
+    advantages = all_advantages[dist.local_slice(cfg.rollout_size)].to(run.loaded.device)
+    return Batch(rows, rollout, grades, rewards, correct, formatted, lengths, groups, all_advantages, advantages)
 
-    def checkpoint_now(step: int) -> Path:
-        trainer_state = {"step": step, "sampler": sampler.state(), "shuffle": shuffle.get_state(), "data_digest": data_digest}
-        if baselines is not None:
-            trainer_state["prompt_baselines"] = baselines.state()
-        trainer_state.update(dist.gather_rng_states())  # every rank's own sampling RNG (distributed only)
-        saved = None
-        if dist.is_main:
-            saved = save_checkpoint(run_dir, step, model, optimizer, scheduler, trainer_state, cfg.output.keep_checkpoints)
-        dist.barrier()
-        return saved if dist.is_main else list_checkpoints(run_dir)[-1]
 
-    with StepProgress(console, opt.steps, first_step - 1) as progress, StopRequest(console) as stop:
-        for step in range(first_step, opt.steps + 1):
-            step_started = time.perf_counter()
-            step_lr = scheduler.get_last_lr()[0]  # the rate of the step's first update: logged as "lr"
+def update_policy(run: Run, batch: Batch, step: int) -> UpdateStats:
+    """UPDATE: shuffled minibatches, gradient accumulation over micro-batches. With several processes
+    each trains on the rows it holds of the same global minibatch."""
+    opt, rollout_size = run.recipe.train, run.recipe.rollout_size
+    stats = UpdateStats(started=time.perf_counter())
+    micro_batch = opt.micro_batch_size or auto_micro_batch(
+        opt.minibatch_size, batch.rollout.sequences.shape[1], run.loaded.device
+    )
+    fixed = fixed_log_probs(run, batch.rollout, micro_batch)
+    run.model.train()
+    for _ in range(opt.epochs_per_batch):
+        order = torch.randperm(rollout_size, generator=run.shuffle)
+        for start in range(0, rollout_size, opt.minibatch_size):
+            minibatch_update(run, batch, order[start : start + opt.minibatch_size], micro_batch, fixed, stats, step)
+    run.model.eval()
+    return stats
 
-            # ROLLOUT: one batched generation for all prompts × G samples (this rank's share of whole prompts).
-            global_rows = sampler.next_batch(opt.prompts_per_step)
-            batch_rows = dist.shard(global_rows)  # this rank's whole prompts
-            prompts = [build_prompt(tokenizer, cfg.data, row["question"]) for row in batch_rows]
-            rollout = generate_rollout(
-                model,
-                tokenizer,
-                prompts,
-                alg.group_size,
-                gen.max_new_tokens,
-                temperature=gen.temperature,
-                top_p=gen.top_p,
-                top_k=gen.top_k,
-                batch_size=gen.batch_size,
-                min_new_tokens=gen.min_new_tokens,
-                engine=engine,
+
+def fixed_log_probs(run: Run, rollout: Rollout, micro_batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs that stay fixed during the update: (reference with the adapter off, when β > 0;
+    the rollout policy's, when the batch feeds more than one optimizer step)."""
+    alg, opt, model = run.recipe.algorithm, run.recipe.train, run.model
+    temperature = run.recipe.generation.temperature
+    optimizer_steps_per_batch = opt.epochs_per_batch * -(-run.recipe.rollout_size // opt.minibatch_size)
+    everything = torch.arange(len(rollout.completions))
+    ref_log_probs = old_log_probs = None
+    with torch.no_grad():
+        model.eval()
+        if alg.kl_beta > 0:
+            with model.disable_adapter():
+                ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch, temperature)
+        if optimizer_steps_per_batch > 1:
+            old_log_probs = batched_log_probs(model, rollout, everything, micro_batch, temperature)
+    return ref_log_probs, old_log_probs
+
+
+def minibatch_update(run: Run, batch: Batch, mb_rows: torch.Tensor, micro_batch: int, fixed: tuple,
+                     stats: UpdateStats, step: int) -> None:
+    """One optimizer step on the minibatch `mb_rows` (global row numbers), or none if it is not finite."""
+    alg, opt, dist, rollout = run.recipe.algorithm, run.recipe.train, run.dist, batch.rollout
+    ref_log_probs, old_log_probs = fixed
+    # Sorted, a micro-batch holds few distinct prompts, each read once (rows are i·G + j);
+    # the minibatch's gradient is the same sum in any order.
+    my_rows = dist.local_rows(mb_rows, run.recipe.rollout_size).sort().values
+    run.optimizer.zero_grad(set_to_none=True)
+    mb_loss = 0.0
+    for start in range(0, len(my_rows), micro_batch):
+        index = my_rows[start : start + micro_batch]
+        log_probs = completion_log_probs(
+            run.model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length,
+            run.recipe.generation.temperature,
+        )
+        parts = policy_loss(
+            log_probs,
+            old_log_probs[index] if old_log_probs is not None else log_probs.detach(),
+            ref_log_probs[index] if ref_log_probs is not None else None,
+            batch.advantages[index],
+            rollout.completion_mask[index],
+            clip_eps=alg.clip_eps,
+            kl_beta=alg.kl_beta,
+        )
+        loss = parts.loss.sum() / len(mb_rows)  # mean over the (global) minibatch's sequences
+        loss.backward()
+        mb_loss += loss.item()
+        stats.kls.extend(parts.kl.tolist())
+        stats.clip_fracs.extend(parts.clip_fraction.tolist())
+    mb_loss = dist.sum_gradients(run.trainable, mb_loss)  # ranks' shares → the whole minibatch's
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, opt.max_grad_norm)
+    if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
+        skip_update(run, stats, step)
+        return
+    run.consecutive_skips = 0
+    run.optimizer.step()
+    run.scheduler.step()
+    stats.losses.append(mb_loss)
+    stats.grad_norms.append(float(grad_norm))
+
+
+def skip_update(run: Run, stats: UpdateStats, step: int) -> None:
+    """Drop a non-finite update; too many in a row stop the run."""
+    run.optimizer.zero_grad(set_to_none=True)
+    stats.skipped += 1
+    run.consecutive_skips += 1
+    run.console.print(f"step {step}: non-finite loss or gradient, update skipped", highlight=False)
+    if run.consecutive_skips >= run.recipe.train.max_consecutive_skips:
+        raise NumericalFailure(
+            f"{run.consecutive_skips} consecutive updates had a non-finite loss or gradient (step {step}); "
+            "try a lower train.learning_rate, model.dtype=float32, or a smaller algorithm.kl_beta"
+        )
+
+
+def step_metrics(run: Run, batch: Batch, update: UpdateStats, step: int, step_lr: float, step_started: float) -> dict:
+    """The step's line of metrics.jsonl (without the held-out evaluation)."""
+    dist, rewards, groups, advantages = run.dist, batch.rewards, batch.groups, batch.all_advantages
+    (generated_tokens,) = dist.reduce_floats([batch.rollout.num_generated_tokens], "sum")
+    (rollout_seconds,) = dist.reduce_floats([batch.rollout.seconds], "max")  # the slowest rank's
+    now = time.perf_counter()
+    return {
+        "step": step,
+        "reward_mean": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "correct_frac": statistics.fmean(batch.correct.tolist()),
+        "format_frac": statistics.fmean(batch.formatted.tolist()),
+        "frac_zero_std": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
+        "advantage_mean": float(advantages.mean()),
+        "advantage_abs_max": float(advantages.abs().max()),
+        "loss": statistics.fmean(update.losses) if update.losses else float("nan"),
+        "kl": dist.global_mean(update.kls),
+        "clip_frac": dist.global_mean(update.clip_fracs),
+        "grad_norm": statistics.fmean(update.grad_norms) if update.grad_norms else float("nan"),
+        "skipped_updates": update.skipped,
+        "completion_len_mean": float(batch.lengths.mean()),
+        "tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
+        "rollout_seconds": rollout_seconds,
+        "update_seconds": now - update.started,
+        "step_seconds": now - step_started,
+        "lr": step_lr,
+    }
+
+
+def log_step(run: Run, batch: Batch, metrics: dict) -> None:
+    """LOG: the held-out evaluation when due, then metrics.jsonl and samples.jsonl (rank 0)."""
+    cfg, step = run.recipe, metrics["step"]
+    if run.dist.is_main and run.eval_rows and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+        # The same evaluation as `krpo eval`, on a fixed held-out subset (greedy: no RNG draws).
+        report = evaluate_model(run.model, run.loaded.tokenizer, run.eval_rows, cfg, batch_size=cfg.eval.batch_size)
+        metrics["eval/accuracy"] = report.metrics["accuracy"]
+        metrics["eval/mean_reward"] = report.metrics["mean_reward"]
+    if run.dist.is_main:
+        run.metrics_log.write(metrics)
+        for i in range(min(cfg.output.samples_per_step, len(batch.rows))):
+            j = i * cfg.algorithm.group_size  # the first completion of each of the first prompts (rank 0's)
+            run.samples_log.write(
+                {
+                    "step": step,
+                    "question": batch.rows[i]["question"],
+                    "answer": batch.rows[i]["answer"],
+                    "completion": batch.rollout.completions[j],
+                    "reward": batch.grades[j].reward,
+                }
             )
+    run.reward_history.append(metrics["reward_mean"])
 
-            # REWARD: the grader that evaluation uses.
-            answers = [row["answer"] for row in batch_rows for _ in range(alg.group_size)]
-            grades = [grader(text, answer) for text, answer in zip(rollout.completions, answers)]
-            rewards = torch.tensor([g.reward for g in grades], dtype=torch.float32)
-            correct = torch.tensor([g.correct for g in grades], dtype=torch.float64)
-            formatted = torch.tensor([g.formatted for g in grades], dtype=torch.float64)
-            lengths = rollout.completion_mask.sum(dim=1).float()
-            # Every rank gets every rank's figures: advantages and metrics are those of the global batch.
-            rewards, correct, formatted, lengths = dist.gather_rows(rewards, correct, formatted, lengths)
-            groups = rewards.view(opt.prompts_per_step, alg.group_size)
 
-            # ADVANTAGE: per prompt, in sampled order (the whole batch on every rank: same generator draws).
-            if baselines is not None:  # kalman.scope: prompt — a prompt's filter goes on from its last visit
-                questions = [row["question"] for row in global_rows]
-                all_advantages = baselines.advantages(groups, questions, generator=shuffle, **kalman)
-            else:
-                all_advantages = compute_advantages(groups, alg.advantage, shuffle, **kalman)
-            all_advantages = all_advantages.flatten()
-            advantages = all_advantages[dist.local_slice(rollout_size)].to(loaded.device)
+# ---------------------------------------------------------------------------------------
+# Checkpoints and the end of the run
 
-            # Log-probs that stay fixed during the update: reference (adapter off) and old policy.
-            update_started = time.perf_counter()
-            micro_batch = opt.micro_batch_size or auto_micro_batch(minibatch, rollout.sequences.shape[1], loaded.device)
-            everything = torch.arange(len(rollout.completions))
-            with torch.no_grad():
-                model.eval()
-                ref_log_probs = None
-                if alg.kl_beta > 0:
-                    with model.disable_adapter():
-                        ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch, gen.temperature)
-                old_log_probs = None
-                if optimizer_steps_per_batch > 1:
-                    old_log_probs = batched_log_probs(model, rollout, everything, micro_batch, gen.temperature)
-
-            # UPDATE: shuffled minibatches, gradient accumulation over micro-batches. With several
-            # processes each trains on the rows it holds of the same global minibatch.
-            model.train()
-            losses, kls, clip_fracs, grad_norms, skipped = [], [], [], [], 0
-            for _ in range(opt.epochs_per_batch):
-                order = torch.randperm(rollout_size, generator=shuffle)
-                for mb_start in range(0, rollout_size, minibatch):
-                    mb_rows = order[mb_start : mb_start + minibatch]
-                    # Sorted, a micro-batch holds few distinct prompts, each read once (rows are i·G + j);
-                    # the minibatch's gradient is the same sum in any order.
-                    my_rows = dist.local_rows(mb_rows, rollout_size).sort().values
-                    optimizer.zero_grad(set_to_none=True)
-                    mb_loss = 0.0
-                    for start in range(0, len(my_rows), micro_batch):
-                        index = my_rows[start : start + micro_batch]
-                        log_probs = completion_log_probs(
-                            model,
-                            rollout.sequences[index],
-                            rollout.attention_mask[index],
-                            rollout.prompt_length,
-                            gen.temperature,
-                        )
-                        old = old_log_probs[index] if old_log_probs is not None else log_probs.detach()
-                        parts = policy_loss(
-                            log_probs,
-                            old,
-                            ref_log_probs[index] if ref_log_probs is not None else None,
-                            advantages[index],
-                            rollout.completion_mask[index],
-                            clip_eps=alg.clip_eps,
-                            kl_beta=alg.kl_beta,
-                        )
-                        loss = parts.loss.sum() / len(mb_rows)  # mean over the (global) minibatch's sequences
-                        loss.backward()
-                        mb_loss += loss.item()
-                        kls.extend(parts.kl.tolist())
-                        clip_fracs.extend(parts.clip_fraction.tolist())
-                    mb_loss = dist.sum_gradients(trainable, mb_loss)  # ranks' shares → the whole minibatch's
-                    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, opt.max_grad_norm)
-                    if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
-                        optimizer.zero_grad(set_to_none=True)
-                        skipped += 1
-                        consecutive_skips += 1
-                        console.print(f"step {step}: non-finite loss or gradient, update skipped", highlight=False)
-                        if consecutive_skips >= opt.max_consecutive_skips:
-                            raise NumericalFailure(
-                                f"{consecutive_skips} consecutive updates had a non-finite loss or gradient (step {step}); "
-                                "try a lower train.learning_rate, model.dtype=float32, or a smaller algorithm.kl_beta"
-                            )
-                        continue
-                    consecutive_skips = 0
-                    optimizer.step()
-                    scheduler.step()
-                    losses.append(mb_loss)
-                    grad_norms.append(float(grad_norm))
-            model.eval()
-
-            # LOG
-            (generated_tokens,) = dist.reduce_floats([rollout.num_generated_tokens], "sum")
-            (rollout_seconds,) = dist.reduce_floats([rollout.seconds], "max")  # the slowest rank's
-            now = time.perf_counter()
-            metrics = {
-                "step": step,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                "correct_frac": statistics.fmean(correct.tolist()),
-                "format_frac": statistics.fmean(formatted.tolist()),
-                "frac_zero_std": float((groups.max(dim=1).values == groups.min(dim=1).values).float().mean()),
-                "advantage_mean": float(all_advantages.mean()),
-                "advantage_abs_max": float(all_advantages.abs().max()),
-                "loss": statistics.fmean(losses) if losses else float("nan"),
-                "kl": dist.global_mean(kls),
-                "clip_frac": dist.global_mean(clip_fracs),
-                "grad_norm": statistics.fmean(grad_norms) if grad_norms else float("nan"),
-                "skipped_updates": skipped,
-                "completion_len_mean": float(lengths.mean()),
-                "tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
-                "rollout_seconds": rollout_seconds,
-                "update_seconds": now - update_started,
-                "step_seconds": now - step_started,
-                "lr": step_lr,
-            }
-            if dist.is_main and eval_rows and (step % cfg.eval.every == 0 or step == opt.steps):
-                # The same evaluation as `krpo eval`, on a fixed held-out subset (greedy: no RNG draws).
-                report = evaluate_model(model, tokenizer, eval_rows, cfg, batch_size=cfg.eval.batch_size)
-                metrics["eval/accuracy"] = report.metrics["accuracy"]
-                metrics["eval/mean_reward"] = report.metrics["mean_reward"]
-            if dist.is_main:
-                metrics_log.write(metrics)
-                for i in range(min(cfg.output.samples_per_step, len(batch_rows))):
-                    j = i * alg.group_size  # the first completion of each of the first prompts (rank 0's)
-                    samples_log.write(
-                        {
-                            "step": step,
-                            "question": batch_rows[i]["question"],
-                            "answer": batch_rows[i]["answer"],
-                            "completion": rollout.completions[j],
-                            "reward": grades[j].reward,
-                        }
-                    )
-            reward_history.append(metrics["reward_mean"])
-            progress.update(metrics)
-            stopping = dist.any(stop.signal is not None)  # all ranks stop at the same step
-            if step % cfg.output.save_every == 0 or step == opt.steps or stopping:
-                saved = checkpoint_now(step)
-                if stopping and step < opt.steps:
-                    if dist.is_main:
-                        metrics_log.close()
-                        samples_log.close()
-                    raise TrainingInterrupted(step, saved)
-
-    digests = dist.check_in_sync(adapter_state(model)) if dist.is_distributed else []
+def save_step(run: Run, step: int) -> Path:
+    """A checkpoint after `step` (written by rank 0; every rank returns its path)."""
+    dist = run.dist
+    trainer_state = {"step": step, "sampler": run.sampler.state(), "shuffle": run.shuffle.get_state(),
+                     "data_digest": run.data_digest}
+    if run.baselines is not None:
+        trainer_state["prompt_baselines"] = run.baselines.state()
+    trainer_state.update(dist.gather_rng_states())  # every rank's own sampling RNG (distributed only)
+    saved = None
     if dist.is_main:
-        metrics_log.close()
-        samples_log.close()
-        save_adapter(model, run_dir / ADAPTER)
+        saved = save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler, trainer_state,
+                                run.recipe.output.keep_checkpoints)
+    dist.barrier()
+    return saved if dist.is_main else list_checkpoints(run.run_dir)[-1]
+
+
+def close_logs(run: Run) -> None:
+    if run.dist.is_main:
+        run.metrics_log.close()
+        run.samples_log.close()
+
+
+def finish(run: Run) -> Path:
+    """Save the adapter and print the summary; returns the run directory."""
+    dist, run_dir, steps = run.dist, run.run_dir, run.recipe.train.steps
+    digests = dist.check_in_sync(adapter_state(run.model)) if dist.is_distributed else []
+    close_logs(run)
+    if dist.is_main:
+        save_adapter(run.model, run_dir / ADAPTER)
     dist.close()  # a barrier: when any rank returns, the adapter is written
     if not dist.is_main:
         return run_dir
     if digests:
-        console.print(f"adapter sha256 by rank: {' '.join(digests)} (identical)", highlight=False, soft_wrap=True)
-    first, last = quarter_means(reward_history)
-    console.print(
-        f"done: {counted(opt.steps, 'step')} · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
+        run.console.print(f"adapter sha256 by rank: {' '.join(digests)} (identical)", highlight=False, soft_wrap=True)
+    first, last = quarter_means(run.reward_history)
+    run.console.print(
+        f"done: {counted(steps, 'step')} · mean reward first quarter {first:.3f} → last quarter {last:.3f} · "
         f"adapter saved to {run_dir / ADAPTER}",
         highlight=False,
         markup=False,

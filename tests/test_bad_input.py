@@ -20,6 +20,9 @@ def world(tmp_path_factory, tiny_model_dir):
     (root / "noanswer.jsonl").write_text('{"question": "1 + 1"}\n')
     (root / "latin1.jsonl").write_bytes('{"question": "caf\xe9", "answer": "1"}\n'.encode("latin-1"))
     (root / "a_file").write_text("x")
+    (root / "deep.jsonl").write_text('{"question": ' + "[" * 100_000 + "]" * 100_000 + ', "answer": "1"}\n')
+    (root / "objects.jsonl").write_text('{"question": {"text": "1 + 1"}, "answer": "2"}\n' * 2 + '{"question": "1 + 1", "answer": [2]}\n')
+    (root / "huge.jsonl").write_text(('{"question": "' + "1 + " * 25_000 + '1", "answer": "25001"}\n') * 3)
     corrupt = root / "corrupt-model"
     shutil.copytree(tiny_model_dir, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
@@ -90,7 +93,70 @@ CASES = {
     "merge bad dtype": lambda w: (["merge", str(w["run_dir"]), "--dtype", "int8"], "--dtype"),
     "merge over its input": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["run_dir"]), "--overwrite"], "would overwrite"),
     "arithmetic bad split": lambda w: (["data", "arithmetic", "--split", "dev"], "split"),
+    # Hostile YAML: each must finish, with one line and no RecursionError.
+    "alias bomb": lambda w: (["validate", text_file(w, "bomb.yaml", ALIAS_BOMB)], "more than 100,000 values, counting each alias"),
+    "20,000 nested brackets": lambda w: (["validate", text_file(w, "deep.yaml", "train: " + "[" * 20000 + "]" * 20000 + "\n")],
+                                         "nested deeper than 32 levels"),
+    "self-referencing alias": lambda w: (["validate", text_file(w, "self.yaml", "run: &a\n  name: *a\n")],
+                                         "an alias refers to the value that contains it"),
+    "key written twice": lambda w: (["validate", text_file(w, "twice.yaml", "train:\n  steps: 3\n  steps: 5\n")],
+                                    "line 3, column 3: key 'steps' is written twice (first at line 2)"),
+    "empty recipe": lambda w: (["validate", text_file(w, "empty.yaml", "")], "the recipe file is empty"),
+    # Numbers: no infinity or NaN, no bool for a number, counts bounded.
+    "infinite learning rate": lambda w: (["train", recipe_file(w, "inf"), "train.learning_rate=.inf"],
+                                         "train.learning_rate: Input should be a finite number"),
+    "NaN kalman init_mean": lambda w: (["train", recipe_file(w, "nan"), "algorithm.kalman.init_mean=.nan"],
+                                       "algorithm.kalman.init_mean: Input should be a finite number"),
+    "infinite kl_beta": lambda w: (["validate", "quickstart", "algorithm.kl_beta=.inf"], "algorithm.kl_beta: Input should be a finite number"),
+    "infinite temperature": lambda w: (["validate", "quickstart", "generation.temperature=.inf"],
+                                       "generation.temperature: Input should be a finite number"),
+    "negative seed": lambda w: (["train", recipe_file(w, "ns"), "run.seed=-1"], "run.seed: Input should be greater than or equal to 0"),
+    "seed 10**23": lambda w: (["train", recipe_file(w, "bs"), "run.seed=100000000000000000000000"], "run.seed: Input should be less than"),
+    "negative --seeds": lambda w: (["train", recipe_file(w, "nss"), "--seeds", "-5"], "'-5' is not a seed"),
+    "group size 10**23": lambda w: (["validate", "quickstart", "algorithm.group_size=100000000000000000000000"], "algorithm.group_size"),
+    "LoRA rank 10**8": lambda w: (["validate", "quickstart", "lora.r=100000000"], "lora.r: Input should be less than or equal to 4096"),
+    "max_new_tokens 10**9": lambda w: (["validate", "quickstart", "generation.max_new_tokens=1000000000"], "generation.max_new_tokens"),
+    "prompts_per_step 10**9": lambda w: (["validate", "quickstart", "train.prompts_per_step=1000000000"], "train.prompts_per_step"),
+    "steps true": lambda w: (["validate", "quickstart", "train.steps=true"], "train.steps: expected a number, not true/false"),
+    # Run names and data that no file system or text encoding takes.
+    "NUL in run.name": lambda w: (["train", recipe_file(w, "nul"), "run.name=a\0b"], "run.name: contains a NUL character"),
+    "run.name of 300 characters": lambda w: (["train", recipe_file(w, "long"), "run.name=" + "x" * 300], "at most 100"),
+    "deeply nested JSONL": lambda w: (["train", recipe_file(w, "dj", data={"source": "file", "path": str(w["root"] / "deep.jsonl")})],
+                                      "line 1: JSON nested too deeply to read"),
+    "questions that are objects": lambda w: (["train", recipe_file(w, "oq", data={"source": "file", "path": str(w["root"] / "objects.jsonl")})],
+                                             "none of its 3 rows has both a question ('question') and an answer ('answer') as text"),
+    "100 KB questions": lambda w: (["train", recipe_file(w, "kb", data={"source": "file", "path": str(w["root"] / "huge.jsonl")})],
+                                   "no question of the training data fits the model's context"),
+    "eval 100 KB questions": lambda w: (["eval", str(w["run_dir"]), "--data", str(w["root"] / "huge.jsonl")],
+                                        "fits the model's context"),
+    # Typer's own usage errors: one line too.
+    "unknown option": lambda w: (["train", "quickstart", "--bogus"], "No such option: --bogus"),
+    "option of the wrong type": lambda w: (["eval", str(w["run_dir"]), "--limit", "x"], "Invalid value for '--limit'"),
+    # More hostile cases.
+    "recipe of comments only": lambda w: (["validate", text_file(w, "comments.yaml", "# train:\n#   steps: 3\n")], "the recipe file is empty"),
+    "key twice in a flow mapping": lambda w: (["validate", text_file(w, "flow.yaml", "train: {steps: 1, steps: 2}\n")],
+                                              "key 'steps' is written twice"),
+    "alias bomb in an override": lambda w: (["validate", "quickstart", "data.filters=" + OVERRIDE_BOMB], "more than 100,000 values"),
+    "true as a learning rate": lambda w: (["validate", "quickstart", "train.learning_rate=true"],
+                                          "train.learning_rate: expected a number, not true/false"),
+    "NUL in data.path": lambda w: (["validate", "quickstart", "data.source=file", "data.path=a\0b.jsonl"], "data.path: contains a NUL character"),
+    "invalid UTF-8 in run.name": lambda w: (["train", recipe_file(w, "utf"), "run.name=caf\udce9"], "run.name: is not valid Unicode text"),
+    "newline in run.name": lambda w: (["train", recipe_file(w, "nl"), "run.name=a\nb"], "run.name must be folder names"),
+    "backslash in run.name": lambda w: (["train", recipe_file(w, "bsl"), "run.name=a\\b"], "run.name must be folder names"),
+    "non-ASCII digit seed": lambda w: (["train", recipe_file(w, "ad"), "--seeds", "\u0663"], "is not a seed"),
+    "seed with underscores": lambda w: (["train", recipe_file(w, "us"), "--seeds", "1_0"], "'1_0' is not a seed"),
+    "option without its value": lambda w: (["data", "arithmetic", "--split"], "requires an argument"),
+    "negative eval samples": lambda w: (["eval", str(w["run_dir"]), "--samples", "-1"], "Invalid value for '--samples'"),
+    "huge wrong value": lambda w: (["validate", "quickstart", "train.steps=[" + ",".join(["7"] * 50000) + "]"], "train.steps: Input should be a valid integer"),
 }
+
+# 444 bytes in the original report; 9 levels of 9 here (9**9 values when expanded).
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n" for p, c in zip("abcdefgh", "bcdefghi")
+)
+OVERRIDE_BOMB = "{a: &a [1,1,1,1,1,1,1,1,1], " + ", ".join(
+    f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefg", "bcdefgh")
+) + "}"
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -328,3 +328,42 @@ def test_a_hold_out_never_takes_every_row(tmp_path):
     path = write_jsonl(tmp_path / "one.jsonl", [{"question": "1 + 0", "answer": "1"}])
     with pytest.raises(DataError, match="would hold out 1 of the 1 rows .* at most 0"):
         load_rows(file_settings(path, test_size=1, answer_format="raw"), "train")
+
+
+def test_list_or_mapping_questions_and_answers_are_skipped_and_counted(tmp_path, capsys, monkeypatch):
+    import krpo_cli.data
+
+    monkeypatch.setattr(krpo_cli.data, "_noted", set(), raising=False)
+    good = [{"question": f"{i} + 1", "answer": str(i + 1)} for i in range(6)]
+    bad = [{"question": {"text": "1 + 1"}, "answer": "2"}, {"question": ["1 + 1"], "answer": "2"},
+           {"question": "1 + 1", "answer": [2]}, {"question": "1 + 1", "answer": {"value": 2}}]
+    path = write_jsonl(tmp_path / "objects.jsonl", good[:3] + bad + good[3:])
+    rows = load_rows(file_settings(path, test_size=0), "train")
+    assert [r["question"] for r in rows] == [r["question"] for r in good]  # never "{'text': '1 + 1'}"
+    assert "data: skipped 4 of 10 rows" in capsys.readouterr().err
+
+
+def test_lone_surrogates_in_data_become_replacement_characters(tmp_path):
+    path = tmp_path / "surrogates.jsonl"
+    path.write_text('{"question": "2 + \\ud800 2", "answer": "\\udc80", "tag": "x\\udfff"}\n' * 2
+                    + '{"question": "1 + 1", "answer": "2"}\n' * 2, encoding="utf-8")
+    rows = load_rows(file_settings(path, test_size=0), "train")
+    assert rows[0]["question"] == "2 + \ufffd 2" and rows[0]["answer"] == "\ufffd" and rows[0]["tag"] == "x\ufffd"
+    json.dumps(rows, ensure_ascii=False).encode("utf-8")  # writable as samples.jsonl is
+
+
+def test_overlong_prompts_are_skipped_and_counted(tiny_model_dir, capsys, monkeypatch):
+    import krpo_cli.data
+    from transformers import AutoTokenizer
+
+    from krpo_cli.data import drop_overlong
+
+    monkeypatch.setattr(krpo_cli.data, "_noted", set(), raising=False)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # one token per character
+    settings = DataSettings(source="digits", system_prompt="", prompt_template="{question}")
+    rows = [{"question": "1 + 1"}, {"question": "1 + " * 25_000 + "1"}, {"question": "é" * 40}]
+    assert drop_overlong(rows, tokenizer, settings, 100, "the rows") == [rows[0], rows[2]]  # 40 'é' are 80 bytes, 40 tokens
+    assert "data: skipped 1 of 3 rows of the rows whose prompt has more than 100 tokens" in capsys.readouterr().err
+    assert drop_overlong(rows, tokenizer, settings, None, "the rows") == rows  # a model of unknown context
+    with pytest.raises(DataError, match="no question of the rows fits the model's context"):
+        drop_overlong(rows[1:2], tokenizer, settings, 100, "the rows")
