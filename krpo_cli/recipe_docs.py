@@ -30,6 +30,24 @@ krpo train quickstart "lora.target_modules=[q_proj, v_proj]" run.name=qv-only
 krpo train gsm8k data.source=file data.path=gsm8k_train.jsonl   # train offline on a local copy
 ```
 
+A value for a text key (type str, or a choice of words) is the text as typed: `run.name=2024-01-01`,
+`run.name=yes` and `"data.system_prompt=Think: then answer"` stay text, and `#` starts no comment;
+quotes around the whole value are removed (`run.name="my run"`), and `null` clears a key whose
+default is null. Other keys take a YAML value: a number, `true`/`false`, `[a, b]`, `{k: v}`. A list of
+words can also be given comma-separated: `output.log_to=tensorboard,wandb`, `lora.target_modules=q_proj,v_proj`.
+
+Numbers must be finite (`.inf` and `.nan` are refused) and `true`/`false` is not a number. Counts
+have an upper bound that no real run reaches but that stops a typo from crashing or hanging a run:
+seeds 0 … 2³²−1 (what numpy and torch take), `train.steps` 10,000,000, `train.prompts_per_step` 8,192,
+`algorithm.group_size` 1,024, `lora.r` 4,096, `generation.max_new_tokens` 32,768, any other count
+10⁹ (the ranges are in the type column below). `run.name` is at most 100 characters of folder names
+joined by `/`; `run.output_dir` may start with `~` (your home folder).
+
+A recipe file is plain YAML read with a safe loader; an empty file, a key written twice in one
+mapping, nesting deeper than 32 levels and aliases that contain themselves or expand past 100,000
+values are errors. A key that the other settings make inert (`data.path` with `data.source: digits`,
+`algorithm.kalman.*` with an advantage other than krpo) is accepted with a warning on stderr.
+
 The run directory keeps the recipe as written (`recipe.original.yaml`) and as resolved, with
 every default and override applied (`recipe.yaml`).
 
@@ -49,6 +67,24 @@ def type_name(annotation) -> str:
     if annotation is type(None):
         return "null"
     return getattr(annotation, "__name__", str(annotation))
+
+
+def _range(field) -> str:
+    """' (1 … 32768)' from a field's ge/gt/le/lt bounds; '' when it has none."""
+    low = high = None
+    for bound in field.metadata:
+        low = getattr(bound, "ge", low)
+        high = getattr(bound, "le", high)
+        if getattr(bound, "gt", None) is not None:
+            low = f"> {bound.gt}"
+        if getattr(bound, "lt", None) is not None:
+            high = f"< {bound.lt}"
+    if low is None and high is None:
+        return ""
+    show = lambda v: f"{v:,}" if isinstance(v, int) else str(v)  # noqa: E731
+    if high is None:
+        return f" ({show(low)} …)" if isinstance(low, int) else f" ({low})"
+    return f" ({'' if low is None else show(low) + ' '}… {show(high)})"
 
 
 def _default(field) -> str:
@@ -76,7 +112,7 @@ def reference_markdown() -> str:
                     rows.append((f"{prefix}.{name}", sub.annotation))
                     continue
                 description = (sub.description or "").replace("|", "\\|")
-                lines.append(f"| `{prefix}.{name}` | {type_name(sub.annotation)} | `{_default(sub)}` | {description} |")
+                lines.append(f"| `{prefix}.{name}` | {type_name(sub.annotation)}{_range(sub)} | `{_default(sub)}` | {description} |")
     return "\n".join(lines) + "\n"
 
 

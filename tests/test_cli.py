@@ -111,3 +111,10 @@ def test_user_text_with_brackets_is_printed_as_written(tmp_path, tiny_model_dir,
     result = runner.invoke(app, ["train", str(recipe), template, "--overwrite"])
     assert result.exit_code == 130, result.output
     assert f"'{template}' --resume" in result.output  # quoted, so that the command can be pasted into a shell
+
+
+def test_a_key_without_effect_is_a_warning_on_stderr():
+    result = CliRunner().invoke(app, ["validate", "quickstart", "data.path=questions.jsonl"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == "warning: data.path (data.source is digits) has no effect"
+    assert result.stdout.strip() == "quickstart: ok"
