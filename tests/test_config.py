@@ -182,7 +182,7 @@ def test_output_dir_expands_the_home_folder():
         ("algorithm.kalman.init_mean=.nan", "algorithm.kalman.init_mean: Input should be a finite number"),
         ("algorithm.kl_beta=.inf", "algorithm.kl_beta: Input should be a finite number"),
         ("generation.temperature=.inf", "generation.temperature: Input should be a finite number"),
-        ("lora.alpha=-.inf", "lora.alpha"),
+        ("algorithm.kalman.process_noise=.inf", "algorithm.kalman.process_noise: Input should be a finite number"),
         ("data.test_size=.nan", "data.test_size: Input should be a finite number"),
         ("train.steps=true", "train.steps: expected a number, not true/false"),
         ("train.learning_rate=true", "train.learning_rate: expected a number, not true/false"),
