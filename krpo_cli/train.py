@@ -203,7 +203,7 @@ class Batch:
     rows: list[dict]
     rollout: Rollout
     grades: list
-    rewards: torch.Tensor  # (prompts·G,) float32, as are correct, formatted and lengths
+    rewards: torch.Tensor  # (prompts·G,) each, as are correct, formatted and lengths
     correct: torch.Tensor
     formatted: torch.Tensor
     lengths: torch.Tensor
