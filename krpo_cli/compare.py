@@ -23,6 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from krpo_cli.config import load_yaml
 from krpo_cli.errors import KrpoError
 from krpo_cli.run_log import format_number
 
@@ -147,7 +148,7 @@ def load_run(run_dir: Path) -> Run:
     recipe_path = run_dir / "recipe.yaml"
     if recipe_path.is_file():
         try:
-            recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
+            recipe = load_yaml(recipe_path.read_text(encoding="utf-8")) or {}
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise CompareError(f"cannot read '{recipe_path}': {' '.join(str(err).split())}") from None
         if isinstance(recipe, dict):

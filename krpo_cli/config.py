@@ -540,7 +540,7 @@ def _override_value(path: list[str], value: str) -> Any:
             return None
         if value[:1] in ("'", '"'):
             try:
-                quoted = _load_yaml(value)
+                quoted = load_yaml(value)
             except yaml.YAMLError:
                 return value
             return quoted if isinstance(quoted, str) else value
@@ -548,7 +548,7 @@ def _override_value(path: list[str], value: str) -> Any:
     if not value.strip():
         return ""
     try:
-        return _load_yaml(value)
+        return load_yaml(value)
     except RefusedYAML:
         raise  # parse_overrides reports it
     except yaml.YAMLError:
@@ -682,8 +682,10 @@ def _check_expansion(root: yaml.Node | None) -> None:
         stack.extend((c, False) for c in children)
 
 
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=RecipeLoader)  # a yaml.SafeLoader: plain data only, never objects
+def load_yaml(text: str) -> Any:
+    """YAML as krpo reads every recipe, its own saved ones included: plain data only (a SafeLoader),
+    within RecipeLoader's limits; a refusal is a yaml.YAMLError."""
+    return yaml.load(text, Loader=RecipeLoader)
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
@@ -705,7 +707,7 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, 
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError([f"cannot read the recipe: {err}"], str(path)) from None
     try:
-        raw = _load_yaml(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {yaml_problem(err)}"], str(path)) from None
     if raw is None:  # nothing but blank lines and comments: not a recipe of every default by mistake

@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.config import Recipe, load_yaml, recipe_to_yaml
 from krpo_cli.errors import KrpoError
 
 RECIPE = "recipe.yaml"
@@ -226,7 +226,7 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
     """A checkpoint continues only the recipe it was made with (train.steps, output and eval may change)."""
     saved_path = run_dir / RECIPE
     try:
-        raw = yaml.safe_load(saved_path.read_text(encoding="utf-8"))
+        raw = load_yaml(saved_path.read_text(encoding="utf-8"))
         saved = flatten(raw)
     except (OSError, yaml.YAMLError, AttributeError):
         raise CheckpointError(f"'{saved_path}' is missing or unreadable; cannot check the checkpoint's recipe") from None

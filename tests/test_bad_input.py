@@ -31,7 +31,11 @@ def world(tmp_path_factory, tiny_model_dir):
     make_adapter(tiny_model_dir, root / "adapter")
     run = write_recipe(root / "run.yaml", tiny_recipe(tiny_model_dir, root / "runs", train={"steps": 1}))
     assert runner.invoke(app, ["train", str(run)]).exit_code == 0
-    return {"root": root, "model": tiny_model_dir, "other": other, "run_recipe": run, "run_dir": root / "runs" / "tiny"}
+    tampered = root / "tampered" / "tiny"  # a run whose saved recipe.yaml someone replaced
+    shutil.copytree(root / "runs" / "tiny", tampered)
+    (tampered / "recipe.yaml").write_text("run: " + "[" * 20000 + "]" * 20000 + "\n")
+    return {"root": root, "model": tiny_model_dir, "other": other, "run_recipe": run, "run_dir": root / "runs" / "tiny",
+            "tampered": tampered}
 
 
 def recipe_file(world, name, **sections):
@@ -147,6 +151,10 @@ CASES = {
     "seed with underscores": lambda w: (["train", recipe_file(w, "us"), "--seeds", "1_0"], "'1_0' is not a seed"),
     "option without its value": lambda w: (["data", "arithmetic", "--split"], "requires an argument"),
     "negative eval samples": lambda w: (["eval", str(w["run_dir"]), "--samples", "-1"], "Invalid value for '--samples'"),
+    "compare a run with a tampered recipe.yaml": lambda w: (["compare", str(w["tampered"]), "--out", str(w["root"] / "c.png")],
+                                                          "nested deeper than 32 levels"),
+    "resume a run with a tampered recipe.yaml": lambda w: (["train", str(write_recipe(w["root"] / "tampered.yaml", tiny_recipe(
+        w["model"], w["root"] / "tampered", train={"steps": 2}))), "--resume"], "is missing or unreadable"),
     "huge wrong value": lambda w: (["validate", "quickstart", "train.steps=[" + ",".join(["7"] * 50000) + "]"],
                                    "…), set on the command line by 'train.steps=[7,7,7"),  # the value quoted short
 }
