@@ -17,6 +17,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from krpo_cli import __version__
+from krpo_cli.config import MAX_COUNT, MAX_GROUP_SIZE, MAX_NEW_TOKENS  # the recipe's bounds, for eval's options
 from krpo_cli.errors import KrpoError
 
 # Usage errors are click's ClickException, which Typer re-exports only through BadParameter (recent Typer
@@ -239,9 +240,13 @@ def eval_command(
     ] = None,
     split: Annotated[str, typer.Option(help="Split of a built-in dataset: train or test.")] = "test",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Evaluate at most N questions.")] = None,
-    samples: Annotated[int, typer.Option(min=0, help="Also sample K completions per question: mean@K, pass@K.")] = 0,
-    batch_size: Annotated[int, typer.Option(min=1, help="Questions per generate call.")] = 32,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Longest answer (default: the recipe's).")] = None,
+    samples: Annotated[
+        int, typer.Option(min=0, max=MAX_GROUP_SIZE, help="Also sample K completions per question: mean@K, pass@K.")
+    ] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, max=MAX_COUNT, help="Questions per generate call.")] = 32,
+    max_new_tokens: Annotated[
+        Optional[int], typer.Option(min=1, max=MAX_NEW_TOKENS, help="Longest answer (default: the recipe's).")
+    ] = None,
     output: Annotated[
         Optional[Path],
         typer.Option(

@@ -155,6 +155,11 @@ CASES = {
                                                           "nested deeper than 32 levels"),
     "resume a run with a tampered recipe.yaml": lambda w: (["train", str(write_recipe(w["root"] / "tampered.yaml", tiny_recipe(
         w["model"], w["root"] / "tampered", train={"steps": 2}))), "--resume"], "is missing or unreadable"),
+    "eval --max-new-tokens 10**9": lambda w: (["eval", str(w["run_dir"]), "--max-new-tokens", "1000000000"],
+                                              "Invalid value for '--max-new-tokens'"),
+    "eval --samples 10**9": lambda w: (["eval", str(w["run_dir"]), "--samples", "1000000000"], "Invalid value for '--samples'"),
+    "system prompt of 200 KB": lambda w: (["train", recipe_file(w, "sp", data={"system_prompt": "Think. " * 30000})],
+                                          "no question of the training data fits the model's context"),
     "huge wrong value": lambda w: (["validate", "quickstart", "train.steps=[" + ",".join(["7"] * 50000) + "]"],
                                    "…), set on the command line by 'train.steps=[7,7,7"),  # the value quoted short
 }
