@@ -205,3 +205,30 @@ def test_eval_and_merge_of_an_nf4_run(tmp_path, model_dir, monkeypatch):
         assert plain.exit_code == 0, plain.output
         unrounded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", dtype=torch.float32).eval()
         assert float((unrounded(ids).logits - trained_logits).abs().max()) > 1e-3
+
+
+def test_decoder_logits_on_a_bf16_nf4_base_match_the_peft_forward(model_dir):
+    """bf16: the decoder dequantizes each 4-bit matrix once and applies the adapter beside it."""
+    loaded = load_policy(ModelSettings(name_or_path=str(model_dir), quantization="nf4", dtype="bfloat16"),
+                         LoraSettings(r=4, alpha=8), seed=0, device=CPU)
+    model = loaded.model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
+    mask = (ids != 0).long()
+    config = model.get_base_model().config
+    weights = decode.DecoderWeights(model, rows_hint=3)
+    cache = decode.StaticCache(config.num_hidden_layers, 3, config.num_key_value_heads, 8,
+                               config.hidden_size // config.num_attention_heads, torch.bfloat16, CPU)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    attend = (torch.ones(5, 5, dtype=torch.bool).tril() & mask.bool()[:, None, :]) | torch.eye(5, dtype=torch.bool)
+    ours = decode.forward_step(weights, cache, ids, positions, 0, attend[:, None]).float()
+    with torch.no_grad():
+        theirs = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+        with model.disable_adapter():
+            base_only = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].float()
+    relative = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    assert relative(ours, theirs) < 0.03  # bf16 rounding only
+    assert relative(base_only, theirs) > 0.05  # the adapter matters, so its application is tested
