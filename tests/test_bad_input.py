@@ -136,7 +136,7 @@ CASES = {
     # Typer's own usage errors: one line too.
     "unknown option": lambda w: (["train", "quickstart", "--bogus"], "No such option: --bogus"),
     "option of the wrong type": lambda w: (["eval", str(w["run_dir"]), "--limit", "x"], "Invalid value for '--limit'"),
-    # More hostile cases.
+    # More hostile cases, beyond those reported: recipe, override, option and data inputs, and a tampered run folder.
     "recipe of comments only": lambda w: (["validate", text_file(w, "comments.yaml", "# train:\n#   steps: 3\n")], "the recipe file is empty"),
     "key twice in a flow mapping": lambda w: (["validate", text_file(w, "flow.yaml", "train: {steps: 1, steps: 2}\n")],
                                               "key 'steps' is written twice"),

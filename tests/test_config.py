@@ -150,6 +150,9 @@ def test_min_new_tokens_above_max_new_tokens_is_refused():
         ('run.name="quoted name"', ("run", "name"), "quoted name"),  # YAML quoting is still removed
         ("data.system_prompt=Think: then answer", ("data", "system_prompt"), "Think: then answer"),
         ("data.system_prompt=", ("data", "system_prompt"), ""),
+        ("data.system_prompt=a=b", ("data", "system_prompt"), "a=b"),  # the key ends at the first '='
+        ("run.name=true", ("run", "name"), "true"),
+        ("model.name_or_path=1.5", ("model", "name_or_path"), "1.5"),
         ("data.prompt_template=Q {question} # not a comment", ("data", "prompt_template"), "Q {question} # not a comment"),
         ("data.prompt_template=[{question}]", ("data", "prompt_template"), "[{question}]"),
         ("data.config=null", ("data", "config"), None),  # a key that may be null is cleared by null
