@@ -31,10 +31,11 @@ def main() -> None:
     parser.add_argument("--json", default="bench/log_probs.json")
     args = parser.parse_args()
 
+    from krpo_cli import log_probs as lp
     from krpo_cli import rollout
     from krpo_cli.config import Recipe
     from krpo_cli.data import build_prompt, digit_problems
-    from krpo_cli.models import load_policy, load_tokenizer, quiet_libraries, resolve_model_path
+    from krpo_cli.models import load_policy, quiet_libraries
     from krpo_cli.train import auto_micro_batch
 
     quiet_libraries()
@@ -44,10 +45,10 @@ def main() -> None:
         "lora": {"r": 16, "alpha": 32},
         "data": {"source": "digits", "system_prompt": "Answer with just the number.", "prompt_template": "What is {question}?"},
     })
-    model = load_policy(recipe.model, recipe.lora, seed=42, device=torch.device("cpu")).model
-    tokenizer = load_tokenizer(resolve_model_path("smollm2-135m-instruct"))
+    loaded = load_policy(recipe.model, recipe.lora, seed=42, device=torch.device("cpu"))
+    model, tokenizer = loaded.model, loaded.tokenizer
     shapes = {"quickstart": (4, 16, None), "train_step": (2, 128, 128)}
-    model_forward = rollout.shares_prompts
+    model_forward = lp.shares_prompts
     results = []
     print(f"{'shape':<11} {'rows×len':>9} {'micro':>5} | {'ref shared':>10} {'ref full':>8} {'ratio':>5} | "
           f"{'upd shared':>10} {'upd full':>8} {'ratio':>5}")
@@ -60,15 +61,15 @@ def main() -> None:
         parts = [slice(start, start + micro) for start in range(0, rows, micro)]
 
         def passes(shared: bool) -> tuple[float, float]:
-            rollout.shares_prompts = (lambda m: model_forward(m)) if shared else (lambda m: False)
+            lp.shares_prompts = (lambda m: model_forward(m)) if shared else (lambda m: False)
             start = time.perf_counter()
             with torch.no_grad(), model.disable_adapter():
                 for part in parts:
-                    rollout.completion_log_probs(model, batch.sequences[part], batch.attention_mask[part], batch.prompt_length)
+                    lp.completion_log_probs(model, batch.sequences[part], batch.attention_mask[part], batch.prompt_length)
             middle = time.perf_counter()
             model.train()
             for part in parts:
-                log_probs = rollout.completion_log_probs(
+                log_probs = lp.completion_log_probs(
                     model, batch.sequences[part], batch.attention_mask[part], batch.prompt_length
                 )
                 log_probs.sum().backward()
@@ -81,7 +82,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for shared in (True, False):
                 timings[shared].append(passes(shared))
-        rollout.shares_prompts = model_forward
+        lp.shares_prompts = model_forward
         med = {k: [statistics.median(t[i] for t in v) for i in (0, 1)] for k, v in timings.items()}
         row = {
             "shape": name, "rows": rows, "sequence_length": batch.sequences.shape[1], "micro_batch": micro,

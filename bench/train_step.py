@@ -95,7 +95,7 @@ def run_krpo(args, advantage: str = "grpo", engine: str = "auto", output_dir: Pa
 
 
 def run_trl(args) -> list[float]:
-    from krpo_cli.models import load_base_model, load_tokenizer, quiet_libraries, resolve_model_path
+    from krpo_cli.models import load_base, quiet_libraries
 
     quiet_libraries()  # before peft is imported
     import torch
@@ -108,7 +108,6 @@ def run_trl(args) -> list[float]:
     from krpo_cli.rewards import grade_last_number
 
     settings = device_settings(args.device, args.dtype)
-    path = resolve_model_path(args.model)
     rows = [
         {"prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"What is {r['question']}?"}],
          "answer": r["answer"]}
@@ -142,11 +141,10 @@ def run_trl(args) -> list[float]:
         gradient_checkpointing=not args.trl_no_checkpointing,  # TRL's default is on; krpo's is off
     )
     # The same base model krpo trains: krpo's own loader (NF4 with double quantization on CUDA).
-    dtype = getattr(torch, settings["dtype"])
-    model = load_base_model(path, settings["quantization"], dtype, torch.device(args.device))
+    base = load_base(args.model, settings["quantization"], settings["dtype"], torch.device(args.device))
     trainer = GRPOTrainer(
-        model=model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=load_tokenizer(path),
+        model=base.model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
+        processing_class=base.tokenizer,
         peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
         callbacks=[timer],
     )

@@ -21,7 +21,8 @@ from pathlib import Path
 from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
 from krpo_cli.config import DataSettings
 from krpo_cli.errors import KrpoError
-from krpo_cli.models import hub_reachable, short
+from krpo_cli.hub import hub_reachable
+from krpo_cli.models import short
 from krpo_cli.rewards import extract_boxed, extract_gsm8k_answer, reference_from_solution
 
 

@@ -445,6 +445,7 @@ NON_FINITE = "the model produced non-finite logits while sampling"
 
 def sample_next_token(
     logits: torch.Tensor,
+    *,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
@@ -484,12 +485,35 @@ def sample_next_token(
     return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
 
 
+def prefill(weights: DecoderWeights, cache: StaticCache, input_ids, prompt_mask, positions, group_size: int) -> torch.Tensor:
+    """Run the prompts into `cache`; returns the logits after each row's prompt.
+
+    Rows that come in runs of `group_size` copies of a prompt (a rollout's layout) read each
+    prompt once and copy its keys and values to its rows.
+    """
+    batch, prompt_length = input_ids.shape
+    attend = prompt_attention_mask(prompt_mask.bool())
+    shared = group_size > 1 and batch % group_size == 0
+    if shared:
+        firsts = slice(None, None, group_size)
+        shared = torch.equal(input_ids, input_ids[firsts].repeat_interleave(group_size, dim=0))
+    if not shared:
+        return forward_step(weights, cache, input_ids, positions, 0, attend[:, None])
+    prompts_cache = StaticCache(len(weights.layers), batch // group_size, cache.keys.shape[2],
+                                prompt_length, cache.keys.shape[-1], weights.dtype, weights.device)
+    logits = forward_step(weights, prompts_cache, input_ids[firsts], positions[firsts], 0, attend[firsts, None])
+    cache.keys[:, :, :, :prompt_length] = prompts_cache.keys.repeat_interleave(group_size, dim=1)
+    cache.values[:, :, :, :prompt_length] = prompts_cache.values.repeat_interleave(group_size, dim=1)
+    return logits.repeat_interleave(group_size, dim=0)
+
+
 @torch.no_grad()
 def generate_tokens(
     model,
     input_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     max_new_tokens: int,
+    *,
     eos_ids: list[int],
     pad_id: int,
     temperature: float = 1.0,
@@ -522,20 +546,7 @@ def generate_tokens(
     key_valid[:, :prompt_length] = prompt_mask.bool()
 
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    attend = prompt_attention_mask(prompt_mask.bool())
-    shared = group_size > 1 and batch % group_size == 0
-    if shared:
-        firsts = slice(None, None, group_size)
-        shared = torch.equal(input_ids, input_ids[firsts].repeat_interleave(group_size, dim=0))
-    if shared:
-        prompts_cache = StaticCache(len(weights.layers), batch // group_size, config.num_key_value_heads,
-                                    prompt_length, head_dim, weights.dtype, weights.device)
-        logits = forward_step(weights, prompts_cache, input_ids[firsts], positions[firsts], 0, attend[firsts, None])
-        logits = logits.repeat_interleave(group_size, dim=0)
-        cache.keys[:, :, :, :prompt_length] = prompts_cache.keys.repeat_interleave(group_size, dim=1)
-        cache.values[:, :, :, :prompt_length] = prompts_cache.values.repeat_interleave(group_size, dim=1)
-    else:
-        logits = forward_step(weights, cache, input_ids, positions, 0, attend[:, None])
+    logits = prefill(weights, cache, input_ids, prompt_mask, positions, group_size)
 
     tokens = torch.full((batch, max_new_tokens), pad_id, dtype=input_ids.dtype, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -548,7 +559,7 @@ def generate_tokens(
     for step in range(max_new_tokens):
         if min_new_tokens and step < min_new_tokens:
             logits.index_fill_(1, eos, float("-inf"))  # `logits[:, eos] = …` can copy the value to the GPU, and wait
-        next_token = sample_next_token(logits, temperature, top_k, top_p, greedy, finite=finite)
+        next_token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, finite=finite)
         next_token = torch.where(finished, torch.full_like(next_token, pad_id), next_token)
         tokens[:, step] = next_token
         ends = torch.isin(next_token, eos) & ~finished

@@ -25,8 +25,7 @@ from rich.table import Table
 
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
-from krpo_cli.models import ModelError, adapter_base, load_base_model, load_tokenizer, pick_device, quiet_libraries
-from krpo_cli.models import resolve_dtype, resolve_model_path, resolve_quantization
+from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import get_grader
 from krpo_cli.rollout import generate_rollout
 from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
@@ -146,8 +145,8 @@ def evaluate_model(
         sampled = None
         if samples:
             sampled = generate_rollout(
-                model, tokenizer, prompts, samples, max_new, gen.temperature, gen.top_p, gen.top_k, batch_size=batch_size,
-                engine=gen.engine,
+                model, tokenizer, prompts, samples, max_new, temperature=gen.temperature, top_p=gen.top_p,
+                top_k=gen.top_k, batch_size=batch_size, engine=gen.engine,
             )
         for i, row in enumerate(batch):
             grade = grader(greedy.completions[i], row["answer"])
@@ -230,13 +229,9 @@ def run_eval(
     if limit is not None:
         rows = rows[:limit]
     check_writable(target.output_dir)  # before a model download, not after
-    quiet_libraries()
-    device = device or pick_device()
-    quantization = resolve_quantization(recipe.model.quantization, device)
-    dtype = resolve_dtype(recipe.model.dtype, device)
-    path = resolve_model_path(target.model)
-    tokenizer = load_tokenizer(path, recipe.model.trust_remote_code)
-    model = load_base_model(path, quantization, dtype, device, recipe.model.trust_remote_code)
+    loaded = load_base(target.model, recipe.model.quantization, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    quantization, dtype, device = loaded.quantization, loaded.dtype, loaded.device
     if target.adapter is not None:
         model = load_adapter(model, target.adapter, target.model)
     model.eval()

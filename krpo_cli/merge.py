@@ -27,15 +27,8 @@ from rich.markup import escape
 from krpo_cli.config import Recipe, load_recipe
 from krpo_cli.data import build_prompt, load_rows
 from krpo_cli.evaluate import load_adapter
-from krpo_cli.models import (
-    ModelError,
-    load_base_model,
-    load_tokenizer,
-    quiet_libraries,
-    resolve_model_path,
-    short,
-)
-from krpo_cli.rollout import position_ids_from_mask
+from krpo_cli.log_probs import position_ids_from_mask
+from krpo_cli.models import ModelError, load_base, quiet_libraries, short
 from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info
 
 VERIFY_PROMPTS = 4
@@ -116,6 +109,28 @@ def share_like_new_files(folder: Path, like: Path) -> None:
             path.chmod(mode)
 
 
+def check_merged(merged, inputs: dict, reference: torch.Tensor, tolerance: float) -> float:
+    """Max |Δlogit| of the float32 merge against base + adapter; above `tolerance` it is an error."""
+    diff = float((logits_of(merged, inputs) - reference).abs().max())
+    if not diff <= tolerance:
+        raise MergeError(
+            f"merged model differs from base + adapter by {diff:.3g} in logits (tolerance {tolerance:g}); nothing was written"
+        )
+    return diff
+
+
+def check_saved(staging: Path, out_dtype: torch.dtype, inputs: dict, reference: torch.Tensor, tolerance: float) -> float:
+    """Max |Δlogit| of the saved model, reloaded, against base + adapter (an error in float32 only)."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
+    diff = float((logits_of(reloaded, inputs) - reference).abs().max())
+    if out_dtype == torch.float32 and not diff <= tolerance:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MergeError(f"the saved model differs from base + adapter by {diff:.3g} after reloading")
+    return diff
+
+
 def merge(
     source: Path,
     out: Path | None = None,
@@ -129,7 +144,6 @@ def merge(
     """Merge, save, verify; returns the merge_info record."""
     quiet_libraries()
     from peft import PeftConfig
-    from transformers import AutoModelForCausalLM
 
     console = console or Console()
     started = time.perf_counter()
@@ -142,13 +156,12 @@ def merge(
     trained_quantization = run_info.get("quantization", "unknown")
     round_trip = trained_quantization == "nf4" if nf4 == "auto" else nf4 == "on"
 
-    path = resolve_model_path(base_name)
     trust = bool(recipe and recipe.model.trust_remote_code)
-    tokenizer = load_tokenizer(path, trust)
+    loaded = load_base(base_name, "none", torch.float32, torch.device("cpu"), trust)
+    path, tokenizer, base = loaded.path, loaded.tokenizer, loaded.model
     out_dtype = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     console.print(f"[bold]krpo merge[/] {escape(str(adapter_dir))} into {escape(base_name)} (float32, then {str(out_dtype)[6:]})",
                   highlight=False)
-    base = load_base_model(path, "none", torch.float32, torch.device("cpu"), trust)
     if round_trip:
         compute = getattr(torch, run_info.get("dtype", "bfloat16"))
         count = nf4_round_trip(base, compute)
@@ -158,11 +171,7 @@ def merge(
     inputs = verification_inputs(tokenizer, recipe)
     reference = logits_of(model, inputs) if verify else None
     merged = model.merge_and_unload().eval()
-    diff_fp32 = float((logits_of(merged, inputs) - reference).abs().max()) if verify else None
-    if verify and not diff_fp32 <= tolerance:
-        raise MergeError(
-            f"merged model differs from base + adapter by {diff_fp32:.3g} in logits (tolerance {tolerance:g}); nothing was written"
-        )
+    diff_fp32 = check_merged(merged, inputs, reference, tolerance) if verify else None
     merged = merged.to(out_dtype)
 
     staging = out.with_name(out.name + ".tmp")
@@ -172,13 +181,7 @@ def merge(
     if recipe is not None:
         (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
 
-    diff_saved = None
-    if verify:
-        reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
-        diff_saved = float((logits_of(reloaded, inputs) - reference).abs().max())
-        if out_dtype == torch.float32 and not diff_saved <= tolerance:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise MergeError(f"the saved model differs from base + adapter by {diff_saved:.3g} after reloading")
+    diff_saved = check_saved(staging, out_dtype, inputs, reference, tolerance) if verify else None
     info = {
         "base": base_name,
         "base_path": path,

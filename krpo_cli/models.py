@@ -16,20 +16,18 @@ fault back is refused instead of training wrongly.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import shutil
-import socket
-import sys
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from krpo_cli.errors import KrpoError
+from krpo_cli.hub import hub_reachable, in_hub_cache, switched_offline
 
 EMBEDDED_MODELS = {
     # name: (package that ships the file, file inside the package)
@@ -131,69 +129,15 @@ def resolve_model_path(name_or_path: str) -> str:
             f"model path '{path}' does not exist (read as a path because ./{parts[0]} is a folder here; "
             "for the hub model of that name, run from another directory)"
         )
-    if not hub_reachable() and not _in_hub_cache(name_or_path):
+    if not hub_reachable() and not in_hub_cache(name_or_path):
         from huggingface_hub import constants
 
-        why = "cannot reach the hub to download" if _switched_offline else "HF_HUB_OFFLINE is set, and cannot download"
+        why = "cannot reach the hub to download" if switched_offline() else "HF_HUB_OFFLINE is set, and cannot download"
         raise ModelError(
             f"{why} '{name_or_path}', and it is not in the local cache ({constants.HF_HUB_CACHE}); "
             "download it on a machine with network, or give a local directory"
         )
     return name_or_path  # a hub id
-
-
-_switched_offline = False  # set when krpo itself turned offline mode on
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub answers; if it does not, the HF libraries are switched to their local caches.
-
-    Without network, huggingface_hub retries every request five times with back-off, so a
-    model that is already cached loads after ~50 s of retries and a screen of warnings; one
-    TCP connection tells the same at once. It goes where the libraries' requests would go:
-    to the proxy that the environment names for the endpoint's scheme (or ALL_PROXY), unless
-    NO_PROXY exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe.
-    """
-    global _switched_offline
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("0", "false", "no", "off"):
-        return True  # the user says the hub is reachable
-    endpoint = urlparse(constants.ENDPOINT)
-    proxies = urllib.request.getproxies()  # ALL_PROXY appears as "all", which httpx also honours
-    proxy = proxies.get(endpoint.scheme) or proxies.get("all", "")
-    if proxy and urllib.request.proxy_bypass(endpoint.hostname or ""):
-        proxy = ""
-    target = urlparse(proxy if "://" in proxy else f"http://{proxy}") if proxy else endpoint
-    try:
-        socket.create_connection((target.hostname, target.port or (443 if target.scheme == "https" else 80)), timeout).close()
-        return True
-    except (OSError, ValueError):
-        pass
-    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"  # for libraries imported later
-    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at each request
-    if "datasets.config" in sys.modules:  # datasets copies the flag when imported
-        sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
-    _switched_offline = True
-    from rich.console import Console
-
-    Console(stderr=True).print(
-        f"cannot reach {target.hostname}{' (the proxy)' if proxy else ''}: using the local Hugging Face cache only",
-        highlight=False,
-        markup=False,
-    )
-    return False
-
-
-def _in_hub_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # not a valid repo id (HFValidationError), so not cached either
-        return False
 
 
 def adapter_base(adapter_dir: Path) -> str:
@@ -286,7 +230,7 @@ def save_adapter(model, directory: Path) -> None:
 
 @dataclass
 class LoadedModel:
-    model: object  # peft.PeftModel
+    model: object  # the base, or (load_policy) a peft.PeftModel around it
     tokenizer: object
     device: torch.device
     quantization: str
@@ -393,22 +337,40 @@ def check_nf4_gradients(model, tolerance: float = 0.02) -> None:
         )
 
 
+def load_base(
+    name_or_path: str,
+    quantization: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """A base model and its tokenizer, as the recipe keys model.* describe them: the one way krpo's
+    commands and benchmarks load a base. `quantization` and `dtype` may be "auto" (see
+    `resolve_quantization`, `resolve_dtype`); `device` defaults to CUDA where there is one."""
+    quiet_libraries()
+    device = device or pick_device()
+    quantization = resolve_quantization(quantization, device)
+    dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    path = resolve_model_path(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = load_base_model(path, quantization, dtype, device, trust_remote_code)
+    return LoadedModel(model, tokenizer, device, quantization, dtype, path)
+
+
 def load_policy(model_settings, lora_settings, seed: int, device: torch.device | None = None) -> LoadedModel:
     """Base model (quantized on CUDA) with a fresh LoRA adapter; the base weights are frozen.
 
     The reference policy is the same model with the adapter disabled, so there is no
     second copy of the weights.
     """
-    quiet_libraries()
+    loaded = load_base(
+        model_settings.name_or_path, model_settings.quantization, model_settings.dtype, device,
+        model_settings.trust_remote_code,
+    )
     from peft import LoraConfig, get_peft_model
 
-    device = device or pick_device()
-    quantization = resolve_quantization(model_settings.quantization, device)
-    dtype = resolve_dtype(model_settings.dtype, device)
-    path = resolve_model_path(model_settings.name_or_path)
-    tokenizer = load_tokenizer(path, model_settings.trust_remote_code)
-    base = load_base_model(path, quantization, dtype, device, model_settings.trust_remote_code)
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    base = loaded.model
+    base.generation_config.pad_token_id = loaded.tokenizer.pad_token_id
     if model_settings.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)  # LoRA's A matrices are initialised at random
@@ -419,5 +381,4 @@ def load_policy(model_settings, lora_settings, seed: int, device: torch.device |
         target_modules=lora_settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(base, lora)
-    return LoadedModel(model, tokenizer, device, quantization, dtype, path)
+    return dataclasses.replace(loaded, model=get_peft_model(base, lora))

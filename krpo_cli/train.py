@@ -40,10 +40,11 @@ from krpo_cli.config import Recipe, RecipeError, TrainSettings
 from krpo_cli.data import PromptSampler, build_prompt, drop_overlong, load_rows, prompt_token_budget, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.evaluate import evaluate_model
+from krpo_cli.log_probs import batched_log_probs, completion_log_probs
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import LoadedModel, load_policy, save_adapter
 from krpo_cli.rewards import get_grader
-from krpo_cli.rollout import Rollout, completion_log_probs, generate_rollout, pick_engine
+from krpo_cli.rollout import Rollout, generate_rollout, pick_engine
 from krpo_cli.run_dir import (
     ADAPTER,
     METRICS,
@@ -104,19 +105,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int, temperature: float) -> torch.Tensor:
-    """Completion log-probs for the given rollout rows, `micro_batch` rows per forward."""
-    parts = []
-    for start in range(0, len(rows), micro_batch):
-        index = rows[start : start + micro_batch]
-        parts.append(
-            completion_log_probs(
-                model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length, temperature
-            )
-        )
-    return torch.cat(parts, dim=0)
 
 
 # Tokens per forward/backward on a CPU: fewer is slower per token (small matrix products),

@@ -10,10 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from krpo_cli import decode, rollout
+from krpo_cli import decode
+from krpo_cli import log_probs as lp
 from krpo_cli.config import LoraSettings, ModelSettings, Recipe
 from krpo_cli.decode import generate_tokens
-from krpo_cli.losses import linear_token_log_probs
+from krpo_cli.log_probs import linear_token_log_probs
 from krpo_cli.models import load_policy
 from conftest import build_tiny_model, read_jsonl, tiny_recipe
 
@@ -128,9 +129,9 @@ def test_shared_prompt_log_probs_on_an_nf4_base_match_the_full_forward(nf4_polic
     adapter = [p for p in model.parameters() if p.requires_grad]
     results = []
     for shared in (True, False):
-        monkeypatch.setattr(rollout, "shares_prompts", lambda m: shared)
+        monkeypatch.setattr(lp, "shares_prompts", lambda m: shared)
         model.zero_grad()
-        log_probs = rollout.completion_log_probs(model, sequences, attention, prompt_length=7, temperature=0.7)
+        log_probs = lp.completion_log_probs(model, sequences, attention, prompt_length=7, temperature=0.7)
         (log_probs * torch.linspace(0.5, 2.0, 24, device=CUDA).view(6, 4)).sum().backward()
         results.append((log_probs.detach(), [p.grad.clone() for p in adapter]))
     (shared_lp, shared_grads), (full_lp, full_grads) = results

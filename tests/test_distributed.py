@@ -21,7 +21,8 @@ from conftest import read_jsonl, tiny_recipe, write_recipe
 from krpo_cli.config import RecipeError
 from krpo_cli.data import PromptSampler
 from krpo_cli.distributed import DistributedContext, RanksOutOfSync, adapter_digest
-from krpo_cli.losses import policy_loss, token_log_probs
+from krpo_cli.log_probs import token_log_probs
+from krpo_cli.losses import policy_loss
 
 REPO = Path(__file__).resolve().parents[1]
 

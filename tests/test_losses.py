@@ -3,14 +3,8 @@ import math
 import pytest
 import torch
 
-from krpo_cli.losses import (
-    clipped_surrogate,
-    kl_k3,
-    linear_token_log_probs,
-    policy_loss,
-    sequence_mean,
-    token_log_probs,
-)
+from krpo_cli.log_probs import linear_token_log_probs, token_log_probs
+from krpo_cli.losses import clipped_surrogate, kl_k3, policy_loss, sequence_mean
 
 
 def test_sequence_mean_ignores_masked_tokens_and_empty_rows():

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from krpo_cli import models
+from krpo_cli import hub, models
 from krpo_cli.config import LoraSettings, ModelSettings
 from krpo_cli.models import ModelError, load_policy, resolve_dtype, resolve_model_path, resolve_quantization
 
@@ -53,7 +53,7 @@ def hub_online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-    monkeypatch.setattr(models, "_switched_offline", False)
+    monkeypatch.setattr(hub, "_switched_offline", False)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "")  # unset, as far as the libraries can tell; restored afterwards
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
@@ -70,7 +70,7 @@ def hub_online(monkeypatch):
             raise OSError("Name or service not known")
         return Connection()
 
-    monkeypatch.setattr(models.socket, "create_connection", create_connection)
+    monkeypatch.setattr(hub.socket, "create_connection", create_connection)
     return probes
 
 
@@ -143,7 +143,7 @@ def test_the_probe_goes_where_the_libraries_requests_would(hub_online, monkeypat
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
     for name, value in proxies.items():
         monkeypatch.setenv(name, value)
-    assert models.hub_reachable()
+    assert hub.hub_reachable()
     assert hub_online["addresses"] == [probed]
 
 
@@ -151,17 +151,17 @@ def test_offline_mode_set_by_the_user_probes_nothing(hub_online, hub_cache, monk
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    assert not models.hub_reachable()
+    assert not hub.hub_reachable()
     with pytest.raises(ModelError, match="HF_HUB_OFFLINE is set, and cannot download 'org/missing'"):
         resolve_model_path("org/missing")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the user says the hub is reachable
     hub_online["refuse"] = True
-    assert models.hub_reachable()
+    assert hub.hub_reachable()
     monkeypatch.setenv("HF_HUB_OFFLINE", "")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # datasets only: models are still downloaded
     hub_online["refuse"] = False
-    assert models.hub_reachable()
+    assert hub.hub_reachable()
     assert hub_online["addresses"] == [("huggingface.co", 443)]
 
 

@@ -3,7 +3,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from krpo_cli.models import load_tokenizer
-from krpo_cli.rollout import completion_log_probs, completion_mask_from_tokens, generate_rollout
+from krpo_cli.log_probs import completion_log_probs
+from krpo_cli.rollout import completion_mask_from_tokens, generate_rollout
 
 
 def test_completion_mask_stops_after_first_eos():
@@ -80,17 +81,17 @@ def test_min_new_tokens_forces_equal_length_completions(tiny_model_dir):
 
 def test_fused_output_layer_equals_the_models_own_logits(tiny_model_dir, monkeypatch):
     """Log-probs and their gradients are the same through the fused path and through model(...).logits."""
-    from krpo_cli import rollout
+    from krpo_cli import log_probs as lp
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert rollout.split_output_layer(model) is not None  # the tiny Llama takes the fused path
+    assert lp.split_output_layer(model) is not None  # the tiny Llama takes the fused path
     sequences = torch.tensor([[0, 10, 11, 30, 31, 2], [20, 21, 22, 40, 2, 0]])
     attention = torch.tensor([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
     results = []
     for plain in (False, True):
         if plain:
-            monkeypatch.setattr(rollout, "PLAIN_OUTPUT_LAYER", set())
-            assert rollout.split_output_layer(model) is None
+            monkeypatch.setattr(lp, "PLAIN_OUTPUT_LAYER", set())
+            assert lp.split_output_layer(model) is None
         model.zero_grad()
         log_probs = completion_log_probs(model, sequences, attention, prompt_length=3, temperature=0.8)
         log_probs.sum().backward()
@@ -110,7 +111,7 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, dtype, monke
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
-    from krpo_cli import rollout
+    from krpo_cli import log_probs as lp
 
     common = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=2)
@@ -127,17 +128,17 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, dtype, monke
     completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])
     attention = torch.cat([(sequences[:, :7] != 0).long(), completion_mask], dim=1)
     prompt_rows = []
-    real_hidden = rollout.transformer_hidden
+    real_hidden = lp.transformer_hidden
 
     def recording_hidden(weights, input_ids, *args):
         prompt_rows.append(input_ids.numel())
         return real_hidden(weights, input_ids, *args)
 
-    monkeypatch.setattr(rollout, "transformer_hidden", recording_hidden)
+    monkeypatch.setattr(lp, "transformer_hidden", recording_hidden)
     adapter = [p for p in model.parameters() if p.requires_grad]
     results = []
     for shared in (True, False):
-        monkeypatch.setattr(rollout, "shares_prompts", lambda m: shared)
+        monkeypatch.setattr(lp, "shares_prompts", lambda m: shared)
         model.zero_grad()
         log_probs = completion_log_probs(model, sequences, attention, prompt_length=7, temperature=0.7)
         (log_probs * torch.linspace(0.5, 2.0, 24).view(6, 4)).sum().backward()
@@ -155,7 +156,7 @@ def test_shared_prompts_give_the_same_log_probs_and_gradients(kind, dtype, monke
 
 
 def test_gradient_checkpointing_keeps_the_models_own_forward(tiny_model_dir):
-    from krpo_cli.rollout import shares_prompts
+    from krpo_cli.log_probs import shares_prompts
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert shares_prompts(model)
