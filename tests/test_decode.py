@@ -1,6 +1,7 @@
 """krpo's own decoder (krpo_cli.decode) against HF: same logits, same greedy text, same sampling rules."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,7 +50,17 @@ def test_greedy_decoding_equals_hf_generate(kind, pack, fixed_shape, monkeypatch
     assert torch.equal(ours, theirs)
 
 
+def cpu_can_reorder_bf16() -> bool:
+    """oneDNN's bf16 weight reorder needs AVX-NE-CONVERT or AVX512 BW+VL+DQ (any CPU with native bf16 has them)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return "avx_ne_convert" in flags or {"avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a torch build with oneDNN")
+@pytest.mark.skipif(not cpu_can_reorder_bf16(), reason="oneDNN's bf16 packing needs AVX512 BW/VL/DQ or AVX-NE-CONVERT")
 def test_packed_bfloat16_weights_give_the_models_logits(tiny_model_dir, monkeypatch):
     """oneDNN-packed bf16 matrices (used where the CPU has native bf16): the model's logits up to bf16 rounding."""
     monkeypatch.setattr(decode, "cpu_has_fast_bf16", lambda: True)  # packing runs (slowly) on any CPU
