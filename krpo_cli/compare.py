@@ -23,7 +23,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from krpo_cli.config import load_yaml
+from krpo_cli.recipe_yaml import load_yaml
 from krpo_cli.errors import KrpoError
 from krpo_cli.run_log import format_number
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from krpo_cli.config import Recipe, load_yaml, recipe_to_yaml
+from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.recipe_yaml import load_yaml
 from krpo_cli.errors import KrpoError
 
 RECIPE = "recipe.yaml"
