@@ -62,6 +62,17 @@ def dequantized(layer) -> torch.Tensor:
     return bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
+def nf4_policy_with_a_trained_adapter(model_dir, dtype: str, lora_std: float):
+    """krpo's loader: an NF4 base with a LoRA adapter whose B matrices are non-zero (as if trained), in eval mode."""
+    loaded = load_policy(ModelSettings(name_or_path=str(model_dir), quantization="nf4", dtype=dtype),
+                         LoraSettings(r=4, alpha=8), seed=0, device=CPU)
+    with torch.no_grad():
+        for name, param in loaded.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, lora_std)
+    return loaded.model.eval()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_input_gradients_equal_the_dequantized_reference_after_a_generation(model_dir, simulated_avx512_bf16, dtype):
     model = load_base_model(str(model_dir), "nf4", dtype, CPU)
@@ -128,15 +139,9 @@ def test_krpo_steps_on_an_nf4_base_give_every_lora_matrix_a_gradient(tmp_path, m
 
 
 def test_the_decoder_on_an_nf4_base_equals_hf_generate_greedily(model_dir):
-    loaded = load_policy(ModelSettings(name_or_path=str(model_dir), quantization="nf4", dtype="float32"),
-                         LoraSettings(r=4, alpha=8), seed=0, device=CPU)
-    model = loaded.model.eval()
+    model = nf4_policy_with_a_trained_adapter(model_dir, "float32", lora_std=0.2)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.2)
-            if "embed_tokens" in name:  # sharper distributions: no near-ties in argmax
-                param.mul_(4.0)
+        model.get_base_model().model.embed_tokens.weight.mul_(4.0)  # sharper distributions: no near-ties in argmax
     assert decode.engine_supports(model)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
     mask = (ids != 0).long()
@@ -209,13 +214,7 @@ def test_eval_and_merge_of_an_nf4_run(tmp_path, model_dir, monkeypatch):
 
 def test_decoder_logits_on_a_bf16_nf4_base_match_the_peft_forward(model_dir):
     """bf16: the decoder dequantizes each 4-bit matrix once and applies the adapter beside it."""
-    loaded = load_policy(ModelSettings(name_or_path=str(model_dir), quantization="nf4", dtype="bfloat16"),
-                         LoraSettings(r=4, alpha=8), seed=0, device=CPU)
-    model = loaded.model.eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.05)
+    model = nf4_policy_with_a_trained_adapter(model_dir, "bfloat16", lora_std=0.05)
     ids = torch.tensor([[0, 0, 5, 6, 7], [8, 9, 10, 11, 12], [0, 13, 14, 15, 16]])
     mask = (ids != 0).long()
     config = model.get_base_model().config
