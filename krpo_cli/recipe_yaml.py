@@ -102,8 +102,13 @@ def _check_expansion(root: yaml.Node | None) -> None:
 
 def load_yaml(text: str) -> Any:
     """YAML as krpo reads every recipe, its own saved ones included: plain data only (a SafeLoader),
-    within RecipeLoader's limits; a refusal is a yaml.YAMLError."""
-    return yaml.load(text, Loader=RecipeLoader)
+    within RecipeLoader's limits; a refusal is a yaml.YAMLError. RecipeLoader is a yaml.SafeLoader,
+    so a tag that would build a Python object (`!!python/object/apply:…`) is an error, never a call."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:

@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from krpo_cli.config import RECIPES_DIR, Recipe, RecipeError, load_recipe, parse_overrides
 from conftest import write_recipe
@@ -285,3 +286,15 @@ def test_shipped_recipes_set_no_key_without_effect(path):
     from krpo_cli.config import ineffective_keys
 
     assert ineffective_keys(load_recipe(str(path))[0]) == []
+
+
+def test_recipe_yaml_builds_no_python_objects(tmp_path):
+    """The recipe reader is a SafeLoader: a tag that would call os.system is an error, and nothing runs."""
+    from krpo_cli.recipe_yaml import RecipeLoader, load_yaml
+
+    assert issubclass(RecipeLoader, yaml.SafeLoader)
+    marker = tmp_path / "ran"
+    with pytest.raises(yaml.YAMLError, match="python/object"):
+        load_yaml(f"run: !!python/object/apply:os.system ['touch {marker}']\n")
+    assert not marker.exists()
+    assert load_yaml("run: {name: x}\n") == {"run": {"name": "x"}}
