@@ -113,7 +113,7 @@ class ModelSettings(_Strict):
         description="HF hub id, local directory, .gguf file, or the embedded 'smollm2-135m-instruct'.",
     )
     quantization: Literal["auto", "nf4", "none"] = Field(
-        "auto", description="auto: NF4 on CUDA, none on CPU (where nf4 saves memory but is slower)."
+        "auto", description="auto: NF4 on CUDA, none on CPU (where nf4 is slower and saves little memory)."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype of the base weights; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."

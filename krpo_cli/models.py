@@ -155,7 +155,7 @@ def pick_device() -> torch.device:
 
 def resolve_quantization(setting: str, device: torch.device) -> str:
     """'nf4' or 'none' for this device: `auto` is NF4 on CUDA and none on a CPU, where a
-    4-bit base saves memory but costs time (README, "NF4 on a CPU")."""
+    4-bit base costs time and, beside krpo's decoder, saves little memory (README, "NF4 on a CPU")."""
     if setting == "auto":
         return "nf4" if device.type == "cuda" else "none"
     if setting == "nf4" and device.type not in ("cuda", "cpu"):
