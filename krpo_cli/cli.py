@@ -83,7 +83,7 @@ def report(err: Exception) -> None:
 
 def warn_ineffective(recipe) -> None:
     """A warning on stderr for each key the recipe sets that its other settings make inert."""
-    from krpo_cli.config import ineffective_keys
+    from krpo_cli.recipe_loading import ineffective_keys
 
     for key in ineffective_keys(recipe):
         errors.print(f"warning: {key} has no effect", highlight=False, markup=False, soft_wrap=True)
@@ -121,7 +121,7 @@ def train(
     ] = None,
 ) -> None:
     """Train a LoRA adapter with KRPO (or GRPO) as a recipe describes."""
-    from krpo_cli.config import load_recipe
+    from krpo_cli.recipe_loading import load_recipe
     from krpo_cli.train import NumericalFailure, TrainingInterrupted
     from krpo_cli.train import train as run_training
 
@@ -166,7 +166,7 @@ def validate(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.")] = None,
 ) -> None:
     """Check a recipe without loading a model."""
-    from krpo_cli.config import load_recipe
+    from krpo_cli.recipe_loading import load_recipe
 
     try:
         warn_ineffective(load_recipe(recipe, overrides or [])[0])

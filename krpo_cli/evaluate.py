@@ -23,7 +23,8 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from krpo_cli.config import Recipe, load_recipe
+from krpo_cli.config import Recipe
+from krpo_cli.recipe_loading import load_recipe
 from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
 from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import get_grader

@@ -24,7 +24,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from krpo_cli.config import Recipe, load_recipe
+from krpo_cli.config import Recipe
+from krpo_cli.recipe_loading import load_recipe
 from krpo_cli.data import build_prompt, load_rows
 from krpo_cli.evaluate import load_adapter
 from krpo_cli.log_probs import position_ids_from_mask

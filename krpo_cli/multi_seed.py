@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from krpo_cli.compare import Smoothing, compare
-from krpo_cli.config import MAX_SEED, Recipe, RecipeError, load_recipe
+from krpo_cli.config import MAX_SEED, Recipe, RecipeError
+from krpo_cli.recipe_loading import load_recipe
 
 
 def parse_seeds(text: str) -> list[int]:

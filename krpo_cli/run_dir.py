@@ -30,7 +30,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from krpo_cli.config import Recipe, recipe_to_yaml
+from krpo_cli.config import Recipe
+from krpo_cli.recipe_loading import recipe_to_yaml
 from krpo_cli.recipe_yaml import load_yaml
 from krpo_cli.errors import KrpoError
 

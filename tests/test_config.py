@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from krpo_cli.config import RECIPES_DIR, Recipe, RecipeError, load_recipe, parse_overrides
+from krpo_cli.config import RECIPES_DIR, Recipe, RecipeError
+from krpo_cli.recipe_loading import load_recipe, parse_overrides
 from conftest import write_recipe
 
 
@@ -271,7 +272,7 @@ def test_hostile_override_values_are_one_problem(override, message):
 
 
 def test_keys_without_effect_are_named():
-    from krpo_cli.config import ineffective_keys
+    from krpo_cli.recipe_loading import ineffective_keys
 
     assert ineffective_keys(load_recipe("quickstart")[0]) == []
     found = ineffective_keys(load_recipe("quickstart", ["data.path=x.jsonl", "data.difficulty=hard"])[0])
@@ -283,7 +284,7 @@ def test_keys_without_effect_are_named():
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_recipes_set_no_key_without_effect(path):
-    from krpo_cli.config import ineffective_keys
+    from krpo_cli.recipe_loading import ineffective_keys
 
     assert ineffective_keys(load_recipe(str(path))[0]) == []
 

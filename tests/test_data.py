@@ -238,7 +238,8 @@ def test_empty_parquet_has_no_rows(tmp_path, capfd):
 
 
 def test_relative_file_path_is_stored_absolute_and_resumes(tmp_path, monkeypatch):
-    from krpo_cli.config import Recipe, recipe_to_yaml
+    from krpo_cli.config import Recipe
+    from krpo_cli.recipe_loading import recipe_to_yaml
     from krpo_cli.run_dir import check_resumable
 
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"

@@ -6,7 +6,8 @@ import torch
 from krpo_cli import train as train_module
 from krpo_cli.advantages import PromptBaselines, kalman_filter, krpo_advantages, prompt_key
 from krpo_cli.run_dir import list_checkpoints
-from krpo_cli.config import Recipe, RecipeError, load_recipe
+from krpo_cli.config import Recipe, RecipeError
+from krpo_cli.recipe_loading import load_recipe
 from krpo_cli.rewards import Grade
 from conftest import read_jsonl, tiny_recipe, write_recipe
 

@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 import krpo_cli
 from krpo_cli.cli import app
-from krpo_cli.config import RECIPES_DIR, load_recipe
+from krpo_cli.config import RECIPES_DIR
+from krpo_cli.recipe_loading import load_recipe
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent

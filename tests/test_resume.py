@@ -193,7 +193,7 @@ def test_a_key_added_to_krpo_after_the_run_started_does_not_block_resume(tmp_pat
     """Runs saved before a recipe key existed resume if the key is at its default, and only then."""
     import yaml
 
-    from krpo_cli.config import recipe_to_yaml
+    from krpo_cli.recipe_loading import recipe_to_yaml
     from krpo_cli.run_dir import CheckpointError, check_resumable
 
     recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path))
