@@ -140,8 +140,9 @@ def train(
             warn_ineffective(loaded)
             run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
+        # soft_wrap: the command stays one line, whatever the width, so that it can be pasted
         errors.print(f"interrupted after step {stop.step}; checkpoint {stop.checkpoint}. Resume with: {again}",
-                     highlight=False, markup=False)
+                     highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except KeyboardInterrupt:  # a second Ctrl+C, or one before the first step
         from krpo_cli.run_dir import list_checkpoints, run_dir_of
@@ -152,7 +153,7 @@ def train(
             outcome = f"the last checkpoint resumes with: {again}"
         else:
             outcome = "no checkpoint was written"
-        errors.print(f"aborted; {outcome}", highlight=False, markup=False)
+        errors.print(f"aborted; {outcome}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130) from None
     except NumericalFailure as err:
         fail(str(err), code=1)

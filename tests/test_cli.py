@@ -118,3 +118,22 @@ def test_a_key_without_effect_is_a_warning_on_stderr():
     assert result.exit_code == 0, result.output
     assert result.stderr.strip() == "warning: data.path (data.source is digits) has no effect"
     assert result.stdout.strip() == "quickstart: ok"
+
+
+def test_the_resume_command_is_one_line_on_a_narrow_terminal(tmp_path, tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    from krpo_cli import cli
+    from krpo_cli import train as train_module
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs"))
+    monkeypatch.setattr(cli, "errors", Console(stderr=True, width=40))
+
+    def interrupted(*args, **kwargs):
+        raise train_module.TrainingInterrupted(3, tmp_path / "runs" / "tiny" / "checkpoints" / "step_000003")
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    result = runner.invoke(app, ["train", str(recipe), "train.steps=50", "train.learning_rate=1e-5"])
+    assert result.exit_code == 130, result.output
+    command = f"krpo train {recipe} train.steps=50 train.learning_rate=1e-5 --resume"
+    assert any(line.endswith(f"Resume with: {command}") for line in result.output.splitlines()), result.output
