@@ -214,20 +214,39 @@ class RewardSettings(_Strict):
         "answer_tags",
         description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last "
         "integer is right; numeric: numeric equality of the tagged/boxed/last number; math_verify: mathematical "
-        "equivalence (competition math); or your own package.module:function.",
+        "equivalence (competition math); think_format: 1 if the completion is <think>…</think> then the rest "
+        "(a format reward, never correct); or your own package.module:function.",
+    )
+    graders: dict[str, float] = Field(
+        default_factory=dict,
+        description="Several graders and their weights, e.g. {numeric: 1.0, think_format: 0.2}: the reward is the "
+        "weighted sum (TRL's reward_funcs and reward_weights); the first is the correctness grader (eval accuracy, "
+        "correct_frac); each is logged as rewards/<grader>/mean and /std. Replaces reward.grader when set.",
     )
 
     @field_validator("grader")
     @classmethod
     def _known_grader(cls, value: str) -> str:
-        if value in GRADERS or USER_GRADER_SPEC.fullmatch(value):
-            return value
-        hint = difflib.get_close_matches(value, list(GRADERS), n=1)
-        suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ValueError(
-            f"reward.grader: unknown grader '{value}'{suggestion}; expected one of {', '.join(GRADERS)} "
-            "or package.module:function"
-        )
+        return _grader_spec("reward.grader", value)
+
+    @field_validator("graders")
+    @classmethod
+    def _known_graders(cls, value: dict[str, float]) -> dict[str, float]:
+        for spec in value:
+            _grader_spec("reward.graders", spec)
+        return value
+
+
+def _grader_spec(key: str, value: str) -> str:
+    """A built-in grader's name or a user grader's package.module:function, else a ValueError naming `key`."""
+    if value in GRADERS or USER_GRADER_SPEC.fullmatch(value):
+        return value
+    hint = difflib.get_close_matches(value, list(GRADERS), n=1)
+    suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+    raise ValueError(
+        f"{key}: unknown grader '{value}'{suggestion}; expected one of {', '.join(GRADERS)} "
+        "or package.module:function"
+    )
 
 
 class KalmanSettings(_Strict):
@@ -336,6 +355,12 @@ class OutputSettings(_Strict):
         4, ge=0, le=MAX_COUNT, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
     )
     save_every: int = Field(50, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps (and after the last step).")
+    save_every_minutes: float = Field(
+        10.0, ge=0, le=10_000,
+        description="Also write a checkpoint when this many minutes have passed since the last one (0: steps only), "
+        "so a kill loses at most about this much work however slow a step is. A checkpoint of the quickstart "
+        "model (LoRA adapter, optimizer and sampler state) takes about CHECKPOINT_SECONDS s on a CPU.",
+    )
     keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="How many of the latest checkpoints to keep.")
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,

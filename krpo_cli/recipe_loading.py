@@ -32,6 +32,9 @@ def ineffective_keys(recipe: Recipe) -> list[str]:
     if advantage != "krpo":  # grpo reads only eps, to guard its division by the standard deviation
         inert = [key for key in kalman.model_fields_set if key not in ("scope",) + (("eps",) if advantage == "grpo" else ())]
         found += [f"algorithm.kalman.{key} (algorithm.advantage is {advantage}, not krpo)" for key in sorted(inert)]
+    reward = recipe.reward
+    if reward.graders and "grader" in reward.model_fields_set and reward.grader != type(reward)().grader:
+        found.append("reward.grader (reward.graders is set and replaces it)")
     return found
 
 
@@ -229,6 +232,15 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, 
             return _validate(raw, str(path)), text
         raw = _merge(raw or {}, parse_overrides(overrides))
     return _validate(raw, str(path), overrides or []), text
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str], source: str) -> Recipe:
+    """A recipe krpo already holds (e.g. a run's, for `krpo eval`) with key=value overrides merged on,
+    validated as a recipe file with those overrides would be; the keys it set stay the keys it set."""
+    if not overrides:
+        return recipe
+    raw = _merge(recipe.model_dump(mode="json", exclude_unset=True), parse_overrides(overrides))
+    return _validate(raw, source, overrides)
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

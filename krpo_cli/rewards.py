@@ -27,25 +27,38 @@ Built-in graders (the names a recipe's `reward.grader` may use):
   anything math-verify cannot parse scores 0.0. math-verify's signal-based timeouts
   (MATH_VERIFY_TIMEOUT_S) guard against answers such as `10^{10^{10}}` when grading
   runs on the main thread; on other threads they cannot work and are turned off.
+- think_format: a format reward, TRL's think_format_reward: 1.0 when the completion starts
+  with <think>, has a </think> and no second <think>, else 0.0; never `correct`.
+
+Several graders (`reward.graders`: spec → weight, in order): the reward is the weighted sum
+of their rewards; `correct`, `formatted` and `extracted` come from the first one, the
+correctness grader (`WeightedGrader`, `load_reward`).
 
 User graders: a recipe may name `package.module:function` instead of a built-in name.
-`load_grader` imports the module (it must be importable, e.g. on PYTHONPATH) and uses
-the function as `function(completion, reference)`. It may return a `Grade`, or a plain
-number (bool, int or float) that becomes `Grade(reward=float(x), correct=reward >= 1.0,
-formatted=True, extracted=None)`; anything else (or NaN/infinity) raises GraderError.
-User code is imported and run only when a recipe names it explicitly; nothing is
-discovered or imported otherwise.
+`load_grader` imports the module from the current working folder, else from PYTHONPATH
+and the installed packages (the same for `krpo` and `python -m krpo_cli`: the folder is
+put on sys.path for the import only), and checks that the function can be called as
+`function(completion, reference)`. It may return a `Grade`, or a plain number (bool, int
+or float) that becomes `Grade(reward=float(x), correct=reward >= 1.0, formatted=True,
+extracted=None)`; anything else (or NaN/infinity), and any exception it raises, is a
+GraderError that names it. User code is imported and run only when a recipe names it
+explicitly; nothing is discovered or imported otherwise, and a recipe krpo reads from a
+folder (a run's, a merged model's) may not name it (see docs/security.md).
 
 Answer extraction helpers: `extract_boxed`, `extract_gsm8k_answer` and
 `reference_from_solution` (the last one is for dataset loading).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import inspect
 import math
 import numbers
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +77,7 @@ class Grade:
     correct: bool  # full credit
     formatted: bool  # the answer was in the expected format
     extracted: str | None  # what the grader read as the answer
+    parts: tuple[float, ...] = ()  # under reward.graders: each grader's own reward, in the recipe's order
 
 
 def grade_answer_tags(completion: str, reference: str) -> Grade:
@@ -91,6 +105,14 @@ def grade_last_number(completion: str, reference: str) -> Grade:
     except ValueError:
         correct = False
     return Grade(1.0 if correct else 0.0, correct, True, answer)
+
+
+def grade_think_format(completion: str, reference: str) -> Grade:
+    """1.0 when the completion opens with <think>, closes it with </think> and opens no second one,
+    else 0.0 (TRL's think_format_reward). A format reward: `correct` is always False."""
+    opened = completion.startswith("<think>")
+    formatted = opened and "</think>" in completion and "<think>" not in completion[len("<think>"):]
+    return Grade(1.0 if formatted else 0.0, False, formatted, None)
 
 
 class GraderError(KrpoError, ValueError):
@@ -283,6 +305,7 @@ GRADERS: dict[str, Callable[[str, str], Grade]] = {
     "last_number": grade_last_number,
     "numeric": grade_numeric,
     "math_verify": grade_math_verify,
+    "think_format": grade_think_format,
 }
 
 USER_GRADER_SPEC = re.compile(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*", re.ASCII)
@@ -318,12 +341,13 @@ def load_grader(spec: str) -> Callable[[str, str], Grade]:
         )
     module_name, function_name = spec.split(":")
     try:
-        module = importlib.import_module(module_name)
+        with _current_folder_importable():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and (module_name + ".").startswith(error.name + "."):
             raise GraderError(
                 f"grader {spec!r}: module {module_name!r} not found; "
-                "put it on PYTHONPATH or install its package"
+                "put it in the current folder or on PYTHONPATH, or install its package"
             ) from None
         raise GraderError(f"grader {spec!r}: importing {module_name!r} failed: {error}") from error
     except Exception as error:
@@ -342,14 +366,108 @@ def load_grader(spec: str) -> Callable[[str, str], Grade]:
             f"grader {spec!r}: {function_name!r} is a {type(function).__name__}, not a function "
             "(completion, reference) -> Grade | float"
         )
+    _check_signature(spec, function)
 
     @functools.wraps(function)
     def user_grader(completion: str, reference: str) -> Grade:
-        return _as_grade(spec, function(completion, reference))
+        try:
+            result = function(completion, reference)
+        except Exception as error:  # noqa: BLE001 -- the user's code: one line naming it, not a traceback
+            detail = " ".join(str(error).split())
+            detail = detail if len(detail) <= 200 else detail[:197] + "…"
+            raise GraderError(f"user grader {spec!r} raised {type(error).__name__}: {detail}") from error
+        return _as_grade(spec, result)
 
     return user_grader
+
+
+def _check_signature(spec: str, function: Callable) -> None:
+    """Refuses, at load time, a function that cannot be called as function(completion, reference)."""
+    try:
+        signature = inspect.signature(function)
+    except (ValueError, TypeError):  # some builtins have none: a wrong one fails at the first call, in one line
+        return
+    try:
+        signature.bind("completion", "reference")
+    except TypeError:
+        raise GraderError(
+            f"grader {spec!r}: {spec.split(':')[1]}{signature} cannot be called as "
+            "function(completion, reference); a grader takes those two strings and returns a Grade or a number"
+        ) from None
+
+
+@contextlib.contextmanager
+def _current_folder_importable():
+    """The current working folder on sys.path while a user grader's module is imported.
+
+    So `krpo` finds a grader module in the folder it is run from, as `python -m krpo_cli` does
+    (which puts that folder on sys.path for good); installed packages and PYTHONPATH come after it.
+    """
+    try:
+        folder = os.getcwd()
+    except OSError:  # the folder was deleted
+        yield
+        return
+    if folder in sys.path:
+        yield
+        return
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
+
+
+def user_grader_specs(reward) -> list[str]:
+    """The user graders (`package.module:function`) that reward settings name, in order, each once.
+
+    Built-in names are left out: these are the modules krpo would import, asked about before any is
+    (`krpo validate` imports them; a recipe read from a folder may not name one, see docs/security.md).
+    """
+    specs = []
+    for name in _grader_names(reward):
+        if name not in GRADERS and name not in specs:
+            specs.append(name)
+    return specs
+
+
+def _grader_names(reward) -> list[str]:
+    """Every grader name in a reward section (RewardSettings): its graders when set, else its grader."""
+    graders = getattr(reward, "graders", None)
+    return list(graders) if graders else [reward.grader]
 
 
 def get_grader(name: str) -> Callable[[str, str], Grade]:
     """The grader a recipe names: a registered name or a `package.module:function`."""
     return load_grader(name)
+
+
+class WeightedGrader:
+    """Several graders as one (`reward.graders`): the reward is the weighted sum of their rewards
+    (TRL's reward_funcs with reward_weights); `correct`, `formatted` and `extracted` are the first
+    grader's, the correctness grader that evaluation's accuracy counts; `parts` holds each
+    grader's own, unweighted reward."""
+
+    def __init__(self, graders: dict[str, Callable[[str, str], Grade]], weights: dict[str, float]):
+        self.names = list(graders)
+        self.graders = [graders[name] for name in self.names]
+        self.weights = [float(weights[name]) for name in self.names]
+
+    def __call__(self, completion: str, reference: str) -> Grade:
+        grades = [grader(completion, reference) for grader in self.graders]
+        reward = math.fsum(weight * grade.reward for weight, grade in zip(self.weights, grades))
+        first = grades[0]
+        return Grade(reward, first.correct, first.formatted, first.extracted, tuple(g.reward for g in grades))
+
+
+def load_reward(
+    grader: str, graders: dict[str, float], load: Callable[[str], Callable[[str, str], Grade]] = load_grader
+) -> Callable[[str, str], Grade]:
+    """The recipe's reward: `reward.graders` (spec → weight) weighted when given, else `reward.grader`.
+
+    Each grader is loaded with `load` (load_grader: a built-in name or a user grader).
+    """
+    if not graders:
+        return load(grader)
+    return WeightedGrader({spec: load(spec) for spec in graders}, graders)
