@@ -355,12 +355,6 @@ class OutputSettings(_Strict):
         4, ge=0, le=MAX_COUNT, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
     )
     save_every: int = Field(50, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps (and after the last step).")
-    save_every_minutes: float = Field(
-        10.0, ge=0, le=10_000,
-        description="Also write a checkpoint when this many minutes have passed since the last one (0: steps only), "
-        "so a kill loses at most about this much work however slow a step is. A checkpoint of the quickstart "
-        "model (LoRA adapter, optimizer and sampler state) takes about CHECKPOINT_SECONDS s on a CPU.",
-    )
     keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="How many of the latest checkpoints to keep.")
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,
