@@ -22,6 +22,9 @@ from krpo_cli.models import save_adapter
 from krpo_cli.run_dir import ADAPTER, CHECKPOINTS, CheckpointError, list_checkpoints
 
 
+TRAINER_STATE = "trainer_state.pt"
+
+
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():
@@ -67,15 +70,19 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     final = root / f"step_{step:06d}"
     staging = root / f".tmp-step_{step:06d}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_adapter(model, staging / ADAPTER)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
-        staging / "trainer_state.pt",
-    )
-    summary = {"step": step, "data_digest": trainer_state.get("data_digest")}
-    (staging / "step.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
-    _fsync_tree(staging)
+    try:
+        staging.mkdir()
+        save_adapter(model, staging / ADAPTER)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(), **trainer_state},
+            staging / TRAINER_STATE,
+        )
+        summary = {"step": step, "data_digest": trainer_state.get("data_digest")}
+        (staging / "step.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
+        _fsync_tree(staging)
+    except BaseException:  # a full disk, a read-only folder, an interrupt: no half checkpoint stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     staging.rename(final)  # atomic: the checkpoint either exists whole or not at all
@@ -84,22 +91,39 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, scheduler, train
     return final
 
 
+def read_checkpoint_file(file: Path, read):
+    """`read(file)`, or a CheckpointError naming the file: missing, or damaged (e.g. cut short)."""
+    older = "resume from an older checkpoint with --resume-from PATH"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file '{file}' is missing; {older}")
+    try:
+        return read(file)
+    except Exception as err:  # safetensors' and torch's errors for a truncated or foreign file have no common base
+        detail = " ".join(str(err).split())[:120]
+        raise CheckpointError(f"checkpoint file '{file}' cannot be read, it is damaged ({type(err).__name__}: {detail}); {older}") from None
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore adapter, optimizer and scheduler in place; returns the trainer state (RNG not yet set)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    weights_file = path / ADAPTER / "adapter_model.safetensors"
+    weights = read_checkpoint_file(weights_file, lambda f: load_file(str(f)))
+    state = read_checkpoint_file(path / TRAINER_STATE, lambda f: torch.load(f, weights_only=True))
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "step"} <= state.keys():
+        raise CheckpointError(f"checkpoint file '{path / TRAINER_STATE}' lacks the optimizer, scheduler or step; "
+                              "resume from an older checkpoint with --resume-from PATH")
     try:
-        weights = load_file(str(path / ADAPTER / "adapter_model.safetensors"))
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(err).__name__}); resume from an older one with --resume-from PATH") from None
-    result = set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as err:  # e.g. a LoRA rank other than the recipe's: size mismatch
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"checkpoint file '{weights_file}' does not fit this recipe's adapter: {detail}") from None
     if getattr(result, "unexpected_keys", None):
         raise CheckpointError(f"checkpoint '{path}' does not fit this model (unexpected weights, e.g. {result.unexpected_keys[0]})")
     try:
         optimizer.load_state_dict(state["optimizer"])
-    except ValueError as err:
-        raise CheckpointError(f"checkpoint '{path}' does not fit this recipe's adapter: {err}") from None
-    scheduler.load_state_dict(state["scheduler"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint file '{path / TRAINER_STATE}' does not fit this recipe's adapter: {err}") from None
     return state

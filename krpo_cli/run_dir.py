@@ -188,7 +188,6 @@ def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
             )
             raise CheckpointError(f"'{path}' is not a checkpoint of the run '{run_dir}'{hint}")
         return path
-    remove_partial_checkpoints(run_dir)
     found = list_checkpoints(run_dir)
     if not found and not (run_dir.is_dir() and any(run_dir.iterdir())):
         raise CheckpointError(f"no run to resume: '{run_dir}' does not hold one yet; run without --resume to start it")
@@ -250,15 +249,63 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
         )
 
 
-def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop lines written after the checkpoint (a crashed run may have logged later steps)."""
+def read_jsonl_log(path: Path) -> tuple[list[bytes], bool]:
+    """A log's complete lines (bytes, without newlines) and whether an incomplete last line was dropped.
+
+    A process killed mid-write leaves a last line that is cut short: it is dropped. A damaged line
+    anywhere else is an error naming the file and the line.
+    """
+    lines = path.read_bytes().split(b"\n")
+    torn = False
+    if lines[-1]:  # no newline at the end: the last write did not finish
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            torn = True
+            lines.pop()
+    lines = [line for line in lines if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise CheckpointError(f"'{path}' line {number} is not a logged step; repair or delete that line, then resume")
+    return lines, torn
+
+
+def truncate_jsonl(path: Path, last_step: int, cut_to: Path | None = None) -> str | None:
+    """Drop lines written after the checkpoint (a crashed run may have logged later steps), and an
+    incomplete last line; the lines dropped after the step are kept in `cut_to` when given.
+    Returns a note when an incomplete last line was dropped."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        return None
+    lines, torn = read_jsonl_log(path)
+    kept = [line for line in lines if json.loads(line)["step"] <= last_step]
+    cut = [line for line in lines if json.loads(line)["step"] > last_step]
+    if cut_to is not None and cut:
+        cut_to.write_bytes(b"".join(line + b"\n" for line in cut))
+    path.write_bytes(b"".join(line + b"\n" for line in kept))
+    return f"{path.name}: dropped an incomplete last line (the run was killed while writing it)" if torn else None
+
+
+def set_aside_later_checkpoints(run_dir: Path, step: int, stamp: str) -> Path | None:
+    """Resuming from an earlier checkpoint abandons the timeline after it: its later checkpoints and
+    its adapter/ move to checkpoints/abandoned-<stamp>/, so a later --resume cannot pick them (the
+    caller cuts the logs to `step`, into that folder). Returns the folder, or None when nothing was later."""
+    later = [p for p in list_checkpoints(run_dir) if int(_STEP_DIR.fullmatch(p.name).group(1)) > step]
+    if not later:
+        return None
+    aside = run_dir / CHECKPOINTS / f"abandoned-{stamp}"
+    aside.mkdir()
+    for path in later:
+        path.rename(aside / path.name)
+    if (run_dir / ADAPTER).is_dir():
+        (run_dir / ADAPTER).rename(aside / ADAPTER)
+    return aside
 
 
 def logged_rewards(run_dir: Path) -> list[float]:
     """reward_mean of every step in metrics.jsonl, in order."""
     lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line)["reward_mean"] for line in lines if line]
+    return [json.loads(line).get("reward_mean", float("nan")) for line in lines if line]
