@@ -30,6 +30,7 @@ from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import load_reward
 from krpo_cli.rollout import generate_rollout
 from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
+from krpo_cli.run_dir import run_adapter, stopped_run_note
 from krpo_cli.run_log import JsonlWriter, counted
 
 MAX_GROUP_VALUES = 30
@@ -64,7 +65,7 @@ def resolve_target(
         if recipe:  # prompt, grader, data and generation from --recipe; the model stays the run's
             loaded = load_recipe(recipe)[0].model_copy(update={"model": loaded.model})
             source = recipe
-        own = path / ADAPTER
+        own = path / ADAPTER if no_adapter or adapter else run_adapter(path)  # a stopped run: its latest checkpoint's
         chosen = None if no_adapter else Path(adapter) if adapter else own
         if chosen is None:
             name = "eval-base"
@@ -230,7 +231,11 @@ def run_eval(
     if limit is not None:
         rows = rows[:limit]
     check_writable(target.output_dir)  # before a model download, not after
-    loaded = load_base(target.model, recipe.model.quantization, recipe.model.dtype, device, recipe.model.trust_remote_code)
+    note = stopped_run_note(target.adapter) if target.adapter is not None else None
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    loaded = load_base(target.model, recipe.model.quantization, recipe.model.dtype, device, recipe.model.trust_remote_code,
+                       console=console)
     model, tokenizer = loaded.model, loaded.tokenizer
     quantization, dtype, device = loaded.quantization, loaded.dtype, loaded.device
     if target.adapter is not None:

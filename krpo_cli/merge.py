@@ -30,7 +30,7 @@ from krpo_cli.data import build_prompt, load_rows
 from krpo_cli.evaluate import load_adapter
 from krpo_cli.log_probs import position_ids_from_mask
 from krpo_cli.models import ModelError, load_base, quiet_libraries, short
-from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info
+from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info, stopped_run_note
 
 VERIFY_PROMPTS = 4
 
@@ -158,7 +158,10 @@ def merge(
     round_trip = trained_quantization == "nf4" if nf4 == "auto" else nf4 == "on"
 
     trust = bool(recipe and recipe.model.trust_remote_code)
-    loaded = load_base(base_name, "none", torch.float32, torch.device("cpu"), trust)
+    note = stopped_run_note(adapter_dir)
+    if note:
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
+    loaded = load_base(base_name, "none", torch.float32, torch.device("cpu"), trust, console=console)
     path, tokenizer, base = loaded.path, loaded.tokenizer, loaded.model
     out_dtype = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
     console.print(f"[bold]krpo merge[/] {escape(str(adapter_dir))} into {escape(base_name)} (float32, then {str(out_dtype)[6:]})",

@@ -337,35 +337,47 @@ def check_nf4_gradients(model, tolerance: float = 0.02) -> None:
         )
 
 
+def loading_line(name_or_path: str, path: str, quantization: str, dtype: torch.dtype, device: torch.device) -> str:
+    """What `load_base` is about to load, printed before the weights load (which takes seconds)."""
+    where = f" from {path}" if path != name_or_path else ""
+    return (f"loading model {name_or_path}{where} · quantization {quantization} · "
+            f"{str(dtype).removeprefix('torch.')} · {device.type} …")
+
+
 def load_base(
     name_or_path: str,
     quantization: str = "auto",
     dtype: str | torch.dtype = "auto",
     device: torch.device | None = None,
     trust_remote_code: bool = False,
+    console=None,
 ) -> LoadedModel:
     """A base model and its tokenizer, as the recipe keys model.* describe them: the one way krpo's
     commands and benchmarks load a base. `quantization` and `dtype` may be "auto" (see
-    `resolve_quantization`, `resolve_dtype`); `device` defaults to CUDA where there is one."""
+    `resolve_quantization`, `resolve_dtype`); `device` defaults to CUDA where there is one.
+    With a (Rich) `console`, what is about to load is printed there first: loading takes seconds."""
     quiet_libraries()
     device = device or pick_device()
     quantization = resolve_quantization(quantization, device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
+    if console is not None:
+        console.print(loading_line(name_or_path, path, quantization, dtype, device), highlight=False, markup=False,
+                      soft_wrap=True)
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = load_base_model(path, quantization, dtype, device, trust_remote_code)
     return LoadedModel(model, tokenizer, device, quantization, dtype, path)
 
 
-def load_policy(model_settings, lora_settings, seed: int, device: torch.device | None = None) -> LoadedModel:
+def load_policy(model_settings, lora_settings, seed: int, device: torch.device | None = None, console=None) -> LoadedModel:
     """Base model (quantized on CUDA) with a fresh LoRA adapter; the base weights are frozen.
 
     The reference policy is the same model with the adapter disabled, so there is no
-    second copy of the weights.
+    second copy of the weights. `console`: as in `load_base`.
     """
     loaded = load_base(
         model_settings.name_or_path, model_settings.quantization, model_settings.dtype, device,
-        model_settings.trust_remote_code,
+        model_settings.trust_remote_code, console,
     )
     from peft import LoraConfig, get_peft_model
 

@@ -64,7 +64,35 @@ def run_dir_of(recipe: Recipe) -> Path:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / RECIPE).is_file() and (path / ADAPTER).is_dir()
+    """A run's directory: its recipe, and an adapter or checkpoints (or at least logged steps) from training."""
+    return (path / RECIPE).is_file() and any((path / name).exists() for name in (ADAPTER, CHECKPOINTS, METRICS))
+
+
+def run_adapter(run_dir: Path) -> Path:
+    """The adapter a run has: RUN/adapter once training finished; for a run stopped before its end
+    (interrupted, killed), the adapter of its latest complete checkpoint."""
+    if (run_dir / ADAPTER).is_dir():
+        return run_dir / ADAPTER
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        adapter = checkpoint / ADAPTER
+        if (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file():
+            return adapter
+    raise RunDirError(f"the run '{run_dir}' has no adapter: it stopped before its first checkpoint was written")
+
+
+def stopped_run_note(adapter: Path) -> str | None:
+    """For a checkpoint's adapter of a run that has no final adapter, one line to print:
+    "run stopped at step 12 of 50; using checkpoint RUN/checkpoints/step_000012"."""
+    checkpoint = adapter.parent
+    run_dir = checkpoint.parent.parent
+    step = _STEP_DIR.fullmatch(checkpoint.name)
+    if checkpoint.parent.name != CHECKPOINTS or step is None or (run_dir / ADAPTER).is_dir():
+        return None
+    try:
+        total = load_yaml((run_dir / RECIPE).read_text(encoding="utf-8"))["train"]["steps"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        total = "?"
+    return f"run stopped at step {int(step.group(1))} of {total}; using checkpoint {checkpoint}"
 
 
 def run_of_adapter(adapter: Path) -> Path | None:
@@ -81,7 +109,7 @@ def run_of_adapter(adapter: Path) -> Path | None:
 def find_adapter(source: Path) -> tuple[Path, Path | None]:
     """(adapter directory, run directory or None) for a run directory or an adapter directory."""
     if is_run_dir(source):
-        return source / ADAPTER, source
+        return run_adapter(source), source
     if (source / "adapter_config.json").is_file():
         return source, run_of_adapter(source)  # RUN/adapter, or a checkpoint's: its recipe and run_info
     raise RunDirError(f"'{source}' is neither a run directory (recipe.yaml + adapter/) nor a PEFT adapter directory")

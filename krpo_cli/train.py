@@ -257,7 +257,7 @@ def prepare_run(recipe: Recipe, recipe_text: str, overwrite: bool, resume: str |
     """Checks, data, model, run directory, optimizer, the resumed state and the logs: all before step 1."""
     run_dir, checkpoint, rows, data_digest, eval_rows = check_before_loading(recipe, overwrite, resume)
     grader = load_reward(recipe.reward.grader, recipe.reward.graders, get_grader)
-    loaded = load_policy(recipe.model, recipe.lora, recipe.run.seed, device)
+    loaded = load_policy(recipe.model, recipe.lora, recipe.run.seed, device, console)
     budget = prompt_token_budget(loaded.model, loaded.tokenizer, recipe.generation.max_new_tokens)  # a 100 KB question is skipped, not run out of memory on
     rows = drop_overlong(rows, loaded.tokenizer, recipe.data, budget, "the training data")
     eval_rows = drop_overlong(eval_rows, loaded.tokenizer, recipe.data, budget, "the held-out data")

@@ -110,3 +110,20 @@ def tiny_recipe(model_dir: Path, output_dir: Path, **sections) -> dict:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def stopped_run(tiny_model_dir: Path, output_dir: Path, planned_steps: int = 4) -> Path:
+    """A run of `planned_steps` steps stopped after its first step's checkpoint: no final adapter."""
+    import shutil
+
+    import yaml
+
+    from krpo_cli import train as train_module
+    from krpo_cli.config import Recipe
+
+    run_dir = train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, output_dir, train={"steps": 1})))
+    shutil.rmtree(run_dir / "adapter")  # as after an interrupt: only the checkpoint's adapter exists
+    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    recipe["train"]["steps"] = planned_steps
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    return run_dir

@@ -229,3 +229,24 @@ def test_data_help_names_the_datasets_it_can_write():
     assert result.exit_code == 0
     assert "Write a built-in dataset as JSONL: arithmetic" in result.output
     assert "datasets" not in data_app.info.help
+
+
+def test_eval_of_a_stopped_run_uses_its_latest_checkpoint(tmp_path, tiny_model_dir):
+    from conftest import stopped_run
+
+    run = stopped_run(tiny_model_dir, tmp_path / "runs")
+    result = runner.invoke(app, ["eval", str(run), "--limit", "2", "--max-new-tokens", "3"])
+    assert result.exit_code == 0, result.output
+    checkpoint = run / "checkpoints" / "step_000001"
+    assert f"run stopped at step 1 of 4; using checkpoint {checkpoint}" in result.output.splitlines()
+    assert json.loads((run / "eval" / "results.json").read_text())["adapter"] == str(checkpoint / "adapter")
+
+
+def test_eval_of_a_run_stopped_before_any_checkpoint_says_so(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    write_recipe(run / "recipe.yaml", tiny_recipe(tiny_model_dir, tmp_path))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    result = runner.invoke(app, ["eval", str(run)])
+    assert result.exit_code == 2
+    assert "stopped before its first checkpoint was written" in result.output

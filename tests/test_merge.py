@@ -104,3 +104,15 @@ def test_a_checkpoints_adapter_is_merged_with_its_runs_recipe(tmp_path, tiny_mod
     loose.mkdir()
     (loose / "adapter_config.json").write_text("{}", encoding="utf-8")
     assert find_adapter(loose) == (loose, None)
+
+
+def test_merge_of_a_stopped_run_uses_its_latest_checkpoint(tmp_path, tiny_model_dir):
+    from conftest import stopped_run
+
+    run = stopped_run(tiny_model_dir, tmp_path / "runs")
+    result = runner.invoke(app, ["merge", str(run)])
+    assert result.exit_code == 0, result.output
+    checkpoint = run / "checkpoints" / "step_000001"
+    assert f"run stopped at step 1 of 4; using checkpoint {checkpoint}" in result.output.splitlines()
+    info = json.loads((run / "merged" / "merge_info.json").read_text())
+    assert info["adapter"] == str(checkpoint / "adapter")

@@ -227,3 +227,19 @@ def test_quiet_libraries_silences_the_bitsandbytes_cpu_kernel_notice():
     models.quiet_libraries()
     assert not notice.isEnabledFor(logging.WARNING)
     assert logging.getLogger("bitsandbytes.optim").isEnabledFor(logging.WARNING)  # other notices stay
+
+
+def test_what_loads_is_printed_before_the_weights_load(tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
+    printed_before = []
+    load_weights = models.load_base_model
+
+    def recording(*args, **kwargs):
+        printed_before.append(console.export_text(clear=False))
+        return load_weights(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_base_model", recording)
+    models.load_base(str(tiny_model_dir), "auto", "float32", CPU, console=console)
+    assert printed_before == [f"loading model {tiny_model_dir} · quantization none · float32 · cpu …\n"]
