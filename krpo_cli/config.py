@@ -355,6 +355,12 @@ class OutputSettings(_Strict):
         4, ge=0, le=MAX_COUNT, description="Prompts per step whose first completion is written to samples.jsonl (rank 0's prompts)."
     )
     save_every: int = Field(50, ge=1, le=MAX_STEPS, description="Write a resumable checkpoint every N steps (and after the last step).")
+    save_every_minutes: float = Field(
+        10.0, ge=0, le=10_000,
+        description="Also write a checkpoint when this many minutes have passed since the last one (0: steps only), "
+        "so a kill loses at most about this much work however slow a step is. A checkpoint of the quickstart "
+        "model (LoRA r=16 adapter, optimizer and sampler state: 59 MB) took 0.3-0.4 s on a shared 2-core CPU.",
+    )
     keep_checkpoints: int = Field(2, ge=1, le=MAX_COUNT, description="How many of the latest checkpoints to keep.")
     log_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list,

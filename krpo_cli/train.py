@@ -20,12 +20,15 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
 import statistics
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,7 @@ from krpo_cli.checkpoint import checkpoint_summary, load_checkpoint, save_checkp
 from krpo_cli.config import Recipe, RecipeError, TrainSettings
 from krpo_cli.data import PromptSampler, build_prompt, drop_overlong, load_rows, prompt_token_budget, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
+from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
 from krpo_cli.log_probs import batched_log_probs, completion_log_probs
 from krpo_cli.losses import policy_loss
@@ -56,7 +60,9 @@ from krpo_cli.run_dir import (
     list_checkpoints,
     logged_rewards,
     prepare_run_dir,
+    remove_partial_checkpoints,
     save_resolved_recipe,
+    set_aside_later_checkpoints,
     truncate_jsonl,
     write_run_info,
 )
@@ -73,6 +79,10 @@ class TrainingInterrupted(Exception):
 
 class NumericalFailure(Exception):
     """Too many consecutive non-finite updates."""
+
+
+class WriteFailure(KrpoError):
+    """A file of the run cannot be written mid-run (a full disk, a folder made read-only)."""
 
 
 class StopRequest:
@@ -231,6 +241,7 @@ def train(
     console = (console or Console()) if dist.is_main else Console(quiet=True)
     run = prepare_run(recipe, recipe_text, overwrite, resume, console, dist, device or dist.device)
     steps = recipe.train.steps
+    last_save = time.monotonic()
     with StepProgress(console, steps, run.first_step - 1) as progress, StopRequest(console) as stop:
         for step in range(run.first_step, steps + 1):
             step_started = time.perf_counter()
@@ -238,11 +249,14 @@ def train(
             batch = collect_rollout(run)
             update = update_policy(run, batch, step)
             metrics = step_metrics(run, batch, update, step, step_lr, step_started)
-            log_step(run, batch, metrics)
+            with writing(run, f"the logs of step {step} in '{run.run_dir}'"):
+                log_step(run, batch, metrics)
             progress.update(metrics)
             stopping = dist.any(stop.signal is not None)  # all ranks stop at the same step
-            if step % recipe.output.save_every == 0 or step == steps or stopping:
-                saved = save_step(run, step)
+            if checkpoint_due(run, step, last_save) or stopping:
+                with writing(run, f"the checkpoint of step {step}"):
+                    saved = save_step(run, step)
+                last_save = time.monotonic()
                 if stopping and step < steps:
                     close_logs(run)
                     raise TrainingInterrupted(step, saved)
@@ -263,9 +277,6 @@ def prepare_run(recipe: Recipe, recipe_text: str, overwrite: bool, resume: str |
     eval_rows = drop_overlong(eval_rows, loaded.tokenizer, recipe.data, budget, "the held-out data")
     engine = pick_engine(loaded.model, recipe.generation.engine)
     dist.seed_sampling(recipe.run.seed)  # after the LoRA init, which is the same on every rank
-    dist.barrier()  # every rank has checked the run directory before rank 0 replaces it
-    if dist.is_main:
-        write_run_files(run_dir, recipe, recipe_text, loaded, engine, dist.world_size, fresh=checkpoint is None)
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     print_header(console, recipe, loaded, trainable, len(rows), run_dir)
     optimizer = make_optimizer(trainable, recipe.train)
@@ -278,12 +289,18 @@ def prepare_run(recipe: Recipe, recipe_text: str, overwrite: bool, resume: str |
         baselines=PromptBaselines() if recipe.algorithm.kalman.scope == "prompt" else None,
     )
     if checkpoint is not None:
-        restore_checkpoint(run, checkpoint)
+        restore_checkpoint(run, checkpoint)  # in memory: a checkpoint refused here leaves the run directory as it was
     dist.broadcast_parameters(trainable)
+    dist.barrier()  # every rank has checked the run directory and read its checkpoint before rank 0 writes
     if dist.is_main:
-        run.metrics_log = MetricsLogger(run_dir, recipe, run.first_step)  # creates metrics.jsonl (append mode)
-        run.samples_log = JsonlWriter(run_dir / SAMPLES)
+        with writing(run, f"the run directory '{run_dir}'"):
+            write_run_files(run_dir, recipe, recipe_text, loaded, engine, dist.world_size, fresh=checkpoint is None)
+            if checkpoint is not None:
+                continue_timeline(run, checkpoint)
+            run.metrics_log = MetricsLogger(run_dir, recipe, run.first_step)  # creates metrics.jsonl (append mode)
+            run.samples_log = JsonlWriter(run_dir / SAMPLES)
         run.reward_history = logged_rewards(run_dir)
+    dist.barrier()  # rank 0 has set aside an abandoned timeline's checkpoints
     return run
 
 
@@ -344,19 +361,39 @@ def print_header(console: Console, recipe: Recipe, loaded: LoadedModel, trainabl
 
 
 def restore_checkpoint(run: Run, checkpoint: Path) -> None:
-    """Adapter, optimizer, scheduler, sampler, generators and baselines as they were after the checkpoint's step."""
+    """Adapter, optimizer, scheduler, sampler, generators and baselines as they were after the checkpoint's
+    step. Reads only: the run directory is changed by `continue_timeline`, once every check has passed."""
     state = load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
-    run.sampler.load_state(state["sampler"])
-    run.shuffle.set_state(state["shuffle"])
-    set_rng_state(state["rng"])
-    if run.baselines is not None:
-        run.baselines.load_state(state["prompt_baselines"])
-    run.dist.restore_rng(state, run.recipe.run.seed, state["step"])
+    try:
+        run.sampler.load_state(state["sampler"])
+        run.shuffle.set_state(state["shuffle"])
+        set_rng_state(state["rng"])
+        if run.baselines is not None:
+            run.baselines.load_state(state["prompt_baselines"])
+        run.dist.restore_rng(state, run.recipe.run.seed, state["step"])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+        what = f"has no {err.args[0]!r} entry" if isinstance(err, KeyError) else f"holds a damaged state ({type(err).__name__})"
+        raise CheckpointError(
+            f"'{checkpoint / 'trainer_state.pt'}' {what}; resume from an older checkpoint with --resume-from PATH"
+        ) from None
     run.first_step = state["step"] + 1
-    if run.dist.is_main:
-        for name in (METRICS, SAMPLES):
-            truncate_jsonl(run.run_dir / name, state["step"])
-    run.console.print(f"resumed from {checkpoint} (step {state['step']} done)", highlight=False, markup=False)
+
+
+def continue_timeline(run: Run, checkpoint: Path) -> None:
+    """The run directory made consistent with the resumed checkpoint (rank 0): partial checkpoints removed,
+    a later timeline's checkpoints and adapter set aside, the logs cut back to the checkpoint's step."""
+    step, run_dir = run.first_step - 1, run.run_dir
+    remove_partial_checkpoints(run_dir)
+    aside = set_aside_later_checkpoints(run_dir, step, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
+    notes = [truncate_jsonl(run_dir / name, step, cut_to=aside / name if aside else None) for name in (METRICS, SAMPLES)]
+    run.console.print(f"resumed from {checkpoint} (step {step} done)", highlight=False, markup=False)
+    if aside is not None:
+        run.console.print(
+            f"the later checkpoints of this run (and its adapter and logs after step {step}) were moved to {aside}: "
+            "this run now continues from step " + str(step), highlight=False, markup=False,
+        )
+    for note in filter(None, notes):
+        run.console.print(note, highlight=False, markup=False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,6 +593,21 @@ def log_step(run: Run, batch: Batch, metrics: dict) -> None:
 # ---------------------------------------------------------------------------------------
 # Checkpoints and the end of the run
 
+def checkpoint_due(run: Run, step: int, last_save: float) -> bool:
+    """A checkpoint after `step`: every output.save_every steps, after the last step, and when
+    output.save_every_minutes have passed since the last one (`last_save`, time.monotonic()).
+
+    Rank 0's clock decides and every rank gets its answer, so all ranks save at the same step.
+    """
+    output = run.recipe.output
+    if step % output.save_every == 0 or step == run.recipe.train.steps:
+        return True
+    if not output.save_every_minutes:
+        return False
+    late = time.monotonic() - last_save >= 60 * output.save_every_minutes
+    return run.dist.any(run.dist.is_main and late)
+
+
 def save_step(run: Run, step: int) -> Path:
     """A checkpoint after `step` (written by rank 0; every rank returns its path)."""
     dist = run.dist
@@ -572,6 +624,32 @@ def save_step(run: Run, step: int) -> Path:
     return saved if dist.is_main else list_checkpoints(run.run_dir)[-1]
 
 
+@contextmanager
+def writing(run: Run, what: str):
+    """An OSError while writing `what` (a full disk, a read-only folder) ends the run with one line that
+    says what failed and which checkpoint is safe to resume from."""
+    try:
+        yield
+    except OSError as err:
+        found = list_checkpoints(run.run_dir)
+        safe = (f"the last good checkpoint is {found[-1]}; free space or fix the folder, then resume with --resume"
+                if found else "no checkpoint was written yet")
+        raise WriteFailure(f"cannot write {what}: {err.strerror or err}; {safe}") from None
+
+
+def save_final_adapter(model, run_dir: Path) -> None:
+    """RUN/adapter, written beside it and renamed into place: a failed write leaves no half adapter."""
+    staging = run_dir / f".tmp-{ADAPTER}-{os.getpid()}"
+    try:
+        save_adapter(model, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if (run_dir / ADAPTER).exists():
+        shutil.rmtree(run_dir / ADAPTER)
+    staging.rename(run_dir / ADAPTER)
+
+
 def close_logs(run: Run) -> None:
     if run.dist.is_main:
         run.metrics_log.close()
@@ -582,9 +660,10 @@ def finish(run: Run) -> Path:
     """Save the adapter and print the summary; returns the run directory."""
     dist, run_dir, steps = run.dist, run.run_dir, run.recipe.train.steps
     digests = dist.check_in_sync(adapter_state(run.model)) if dist.is_distributed else []
-    close_logs(run)
     if dist.is_main:
-        save_adapter(run.model, run_dir / ADAPTER)
+        with writing(run, f"the adapter '{run_dir / ADAPTER}'"):
+            close_logs(run)
+            save_final_adapter(run.model, run_dir)
     dist.close()  # a barrier: when any rank returns, the adapter is written
     if not dist.is_main:
         return run_dir
