@@ -116,12 +116,7 @@ class ModelSettings(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype of the base weights; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."
     )
-    trust_remote_code: bool = Field(
-        False,
-        description="Run the model repository's own Python code (only if you trust it). Obeyed from your recipe file "
-        "or an override, never from a recipe krpo reads in a folder (a run's, a merged model's): there pass "
-        "--trust-remote-code (docs/security.md).",
-    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the hub (only if you trust it).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
@@ -220,9 +215,7 @@ class RewardSettings(_Strict):
         description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last "
         "integer is right; numeric: numeric equality of the tagged/boxed/last number; math_verify: mathematical "
         "equivalence (competition math); think_format: 1 if the completion is <think>…</think> then the rest "
-        "(a format reward, never correct); or your own package.module:function, called as function(completion, "
-        "reference) and imported from the current folder, else PYTHONPATH or the installed packages (the same for "
-        "krpo and python -m krpo_cli); a recipe krpo reads in a folder may not name one (docs/security.md).",
+        "(a format reward, never correct); or your own package.module:function.",
     )
     graders: dict[str, float] = Field(
         default_factory=dict,
@@ -336,7 +329,20 @@ class TrainSettings(_Strict):
         "(adamw_8bit), paged out to CPU memory when the GPU runs short (paged_adamw_8bit).",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear learning-rate warm-up, in optimizer steps.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field(
+        "constant",
+        description="Learning-rate schedule over the run's optimizer steps, transformers' get_scheduler (as TRL's "
+        "lr_scheduler_type): constant, constant_with_warmup, linear or cosine decay to 0 after the warm-up. "
+        "constant with a warm-up is constant_with_warmup.",
+    )
+    warmup_steps: int = Field(
+        0, ge=0, le=MAX_STEPS,
+        description="Linear learning-rate warm-up from 0, in optimizer steps (transformers': update k of the warm-up "
+        "uses k/warmup_steps of the rate, the first update 0).",
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0, lt=1, description="Warm-up as a fraction of all optimizer steps, rounded up (instead of warmup_steps)."
+    )
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_consecutive_skips: int = Field(
         5, ge=1, le=MAX_COUNT, description="Stop after this many consecutive updates skipped for a non-finite loss or gradient."
@@ -348,6 +354,8 @@ class TrainSettings(_Strict):
             raise ValueError(
                 f"train.micro_batch_size ({self.micro_batch_size}) must not exceed train.minibatch_size ({self.minibatch_size})"
             )
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("train.warmup_steps and train.warmup_ratio are both set; give the warm-up one way")
         return self
 
 

@@ -21,6 +21,7 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 from __future__ import annotations
 
 import os
+import math
 import random
 import shutil
 import signal
@@ -66,8 +67,7 @@ from krpo_cli.run_dir import (
     truncate_jsonl,
     write_run_info,
 )
-from krpo_cli.progress import StepProgress
-from krpo_cli.run_log import JsonlWriter, MetricsLogger, check_logging_backends, counted
+from krpo_cli.run_log import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
 
 
 class TrainingInterrupted(Exception):
@@ -156,6 +156,25 @@ def make_optimizer(params: list[torch.nn.Parameter], settings: TrainSettings) ->
 
     kind = bnb_optim.PagedAdamW8bit if settings.optimizer == "paged_adamw_8bit" else bnb_optim.AdamW8bit
     return kind(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+def optimizer_steps(recipe: Recipe) -> int:
+    """Optimizer steps in the whole run: per step, epochs_per_batch passes of ceil(rollout / minibatch)."""
+    opt = recipe.train
+    return opt.steps * opt.epochs_per_batch * -(-recipe.rollout_size // opt.minibatch_size)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings, total_steps: int):
+    """The recipe's learning-rate schedule, transformers' get_scheduler over `total_steps` optimizer steps.
+
+    Warm-up: train.warmup_steps, or ceil(warmup_ratio × total_steps) as transformers' Trainer rounds it.
+    `constant` with a warm-up is `constant_with_warmup` (what a recipe with only warmup_steps meant).
+    """
+    from transformers import get_scheduler
+
+    warmup = settings.warmup_steps or math.ceil(settings.warmup_ratio * total_steps)
+    name = "constant_with_warmup" if settings.lr_scheduler == "constant" and warmup else settings.lr_scheduler
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def quarter_means(values: list[float]) -> tuple[float, float]:
@@ -281,8 +300,7 @@ def prepare_run(recipe: Recipe, recipe_text: str, overwrite: bool, resume: str |
     trainable = [p for p in loaded.model.parameters() if p.requires_grad]
     print_header(console, recipe, loaded, trainable, len(rows), run_dir)
     optimizer = make_optimizer(trainable, recipe.train)
-    warmup = recipe.train.warmup_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    scheduler = make_scheduler(optimizer, recipe.train, optimizer_steps(recipe))
     run = Run(
         recipe, console, dist, run_dir, loaded, engine, grader, data_digest, eval_rows, trainable, optimizer, scheduler,
         sampler=PromptSampler(rows, recipe.run.seed),
@@ -358,7 +376,6 @@ def print_header(console: Console, recipe: Recipe, loaded: LoadedModel, trainabl
         f"LoRA r={recipe.lora.r}, {num_trainable:,} trainable parameters · {counted(num_rows, 'training row')} · "
         f"run dir {escape(str(run_dir))}",
         highlight=False,
-        soft_wrap=True,  # a log line keeps its paths whole, whatever the width
     )
 
 
@@ -677,6 +694,5 @@ def finish(run: Run) -> Path:
         f"adapter saved to {run_dir / ADAPTER}",
         highlight=False,
         markup=False,
-        soft_wrap=True,
     )
     return run_dir

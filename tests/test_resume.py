@@ -37,18 +37,46 @@ def adapter_weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "paged_adamw_8bit"])
-def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, optimizer):
+class KilledAfterCheckpoint(Exception):
+    pass
+
+
+def stop_after_step_2(monkeypatch) -> None:
+    """The run dies right after writing its step-2 checkpoint."""
+    real_save = train_module.save_step
+
+    def save_then_die(run, step):
+        saved = real_save(run, step)
+        if step == 2:
+            raise KilledAfterCheckpoint
+        return saved
+
+    monkeypatch.setattr(train_module, "save_step", save_then_die)
+
+
+@pytest.mark.parametrize(
+    "optimizer, schedule",
+    [("adamw", {}), ("paged_adamw_8bit", {}), ("adamw", {"lr_scheduler": "cosine", "warmup_steps": 1})],
+)
+def test_two_plus_two_steps_equal_four_bit_for_bit(tmp_path, tiny_model_dir, monkeypatch, optimizer, schedule):
     if optimizer != "adamw":
         pytest.importorskip("bitsandbytes")  # not installed on macOS
     monkeypatch.setattr(train_module, "get_grader", lambda name: varied_grader)
 
     def recipe(run: str, steps: int) -> Recipe:
-        train = {"steps": steps, "optimizer": optimizer}
+        train = {"steps": steps, "optimizer": optimizer, **schedule}
         return Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / run, train=train, output={"save_every": 2}))
 
     full = train_module.train(recipe("a", 4))
-    resumed_dir = train_module.train(recipe("b", 2))
+    if schedule:  # a cosine schedule spans train.steps: the first half is a 4-step run killed after step 2
+        stop_after_step_2(monkeypatch)
+        with pytest.raises(KilledAfterCheckpoint):
+            train_module.train(recipe("b", 4))
+        monkeypatch.undo()
+        monkeypatch.setattr(train_module, "get_grader", lambda name: varied_grader)
+        resumed_dir = tmp_path / "b" / "tiny"
+    else:  # train.steps raised on resume, as a user extends a run
+        resumed_dir = train_module.train(recipe("b", 2))
     second_half = recipe("b", 4)
     assert train_module.train(second_half, resume=True) == resumed_dir
 

@@ -135,8 +135,8 @@ def test_8bit_adamw_keeps_8bit_state_that_survives_a_weights_only_round_trip(tmp
 
 
 def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path, tiny_model_dir, captured):
-    # Linear warm-up over 4 updates, one update a step (minibatch = rollout): step s updates with s/4
-    # of the rate (it logged the next step's).
+    # Linear warm-up over 4 updates, one update a step (minibatch = rollout): as in transformers, update k
+    # (from 0) uses k/4 of the rate, so step s trains with (s - 1)/4 of it (it once logged the next step's).
     train = {"steps": 2, "prompts_per_step": 2, "minibatch_size": 8, "learning_rate": 1e-4, "warmup_steps": 4}
     run_dir = train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, train=train)))
-    assert [m["lr"] for m in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx([2.5e-5, 5e-5])
+    assert [m["lr"] for m in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx([0.0, 2.5e-5])
