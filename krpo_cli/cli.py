@@ -166,11 +166,15 @@ def validate(
     recipe: Annotated[str, typer.Argument(help="Recipe file, or the name of a shipped recipe.")],
     overrides: Annotated[Optional[list[str]], typer.Argument(help="key.path=value overrides.")] = None,
 ) -> None:
-    """Check a recipe without loading a model."""
+    """Check a recipe without loading a model (a user grader's module is imported, to check it loads)."""
     from krpo_cli.recipe_loading import load_recipe
+    from krpo_cli.rewards import load_grader, user_grader_specs
 
     try:
-        warn_ineffective(load_recipe(recipe, overrides or [])[0])
+        loaded = load_recipe(recipe, overrides or [])[0]
+        warn_ineffective(loaded)
+        for spec in user_grader_specs(loaded.reward):
+            load_grader(spec)
     except KrpoError as err:
         report(err)
     console.print(f"{recipe}: ok", markup=False)
@@ -221,6 +225,10 @@ def recipes(
 @app.command("eval")
 def eval_command(
     target: Annotated[str, typer.Argument(help="A run directory, or a model (hub id, directory, .gguf, embedded name).")],
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="key.path=value overrides of the recipe eval uses, e.g. generation.max_new_tokens=256."),
+    ] = None,
     adapter: Annotated[Optional[str], typer.Option(help="A PEFT adapter directory to apply to the model.")] = None,
     no_adapter: Annotated[
         bool, typer.Option("--no-adapter", help="Evaluate a run's base model alone (the baseline); not with --adapter.")
@@ -229,9 +237,13 @@ def eval_command(
         Optional[str],
         typer.Option(
             help="Recipe for prompt, grader, data and generation (default: the run's; with --adapter RUN/adapter, "
-            "RUN/recipe.yaml; for a merged model, the recipe saved in it; else the built-in default)."
+            "RUN/recipe.yaml; for a merged model, the recipe saved in it; else the built-in default). A recipe "
+            "read from a folder may not turn on remote code or name a user grader: see docs/security.md."
         ),
     ] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the model repository's own Python code (only if you trust it).")
+    ] = False,
     data: Annotated[
         Optional[str],
         typer.Option(
@@ -261,7 +273,7 @@ def eval_command(
     from krpo_cli.evaluate import resolve_target, run_eval
 
     try:
-        chosen = resolve_target(target, adapter, recipe, no_adapter, output)
+        chosen = resolve_target(target, adapter, recipe, no_adapter, output, overrides or [], trust_remote_code)
         run_eval(chosen, data, split, limit, samples, batch_size, max_new_tokens, console=console)
     except KrpoError as err:
         report(err)
@@ -278,6 +290,9 @@ def merge_command(
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check merged logits against base + adapter.")] = True,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Largest allowed |Δlogit| of the float32 merge.")] = 1e-3,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    trust_remote_code: Annotated[
+        bool, typer.Option("--trust-remote-code", help="Run the base model repository's own Python code (only if you trust it).")
+    ] = False,
 ) -> None:
     """Merge an adapter into a full-precision copy of its base and save a standalone model."""
     from krpo_cli.merge import merge
@@ -287,7 +302,8 @@ def merge_command(
     if nf4_round_trip not in ("auto", "on", "off"):
         fail(f"--nf4-round-trip must be auto, on or off, not '{nf4_round_trip}'")
     try:
-        merge(source, out, dtype, nf4_round_trip, verify, tolerance, overwrite, console=console)
+        merge(source, out, dtype, nf4_round_trip, verify, tolerance, overwrite, console=console,
+              trust_remote_code=trust_remote_code)
     except KrpoError as err:
         report(err)
 

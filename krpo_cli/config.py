@@ -116,7 +116,12 @@ class ModelSettings(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype of the base weights; auto: bfloat16 on CUDA and on CPUs with native bf16, else float32."
     )
-    trust_remote_code: bool = Field(False, description="Allow model code from the hub (only if you trust it).")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the model repository's own Python code (only if you trust it). Obeyed from your recipe file "
+        "or an override, never from a recipe krpo reads in a folder (a run's, a merged model's): there pass "
+        "--trust-remote-code (docs/security.md).",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
 
 
@@ -215,7 +220,9 @@ class RewardSettings(_Strict):
         description="answer_tags: the paper's <answer> reward (1 / 0.5 / 0.01 / 0); last_number: 1 if the last "
         "integer is right; numeric: numeric equality of the tagged/boxed/last number; math_verify: mathematical "
         "equivalence (competition math); think_format: 1 if the completion is <think>…</think> then the rest "
-        "(a format reward, never correct); or your own package.module:function.",
+        "(a format reward, never correct); or your own package.module:function, called as function(completion, "
+        "reference) and imported from the current folder, else PYTHONPATH or the installed packages (the same for "
+        "krpo and python -m krpo_cli); a recipe krpo reads in a folder may not name one (docs/security.md).",
     )
     graders: dict[str, float] = Field(
         default_factory=dict,

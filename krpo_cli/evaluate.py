@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from krpo_cli.config import Recipe
-from krpo_cli.recipe_loading import load_recipe
+from krpo_cli.recipe_loading import apply_overrides, load_recipe
 from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
 from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import load_reward
@@ -32,6 +32,7 @@ from krpo_cli.rollout import generate_rollout
 from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
 from krpo_cli.run_dir import run_adapter, stopped_run_note
 from krpo_cli.run_log import JsonlWriter, counted
+from krpo_cli.trust import consent_of, refuse_folder_code
 
 MAX_GROUP_VALUES = 30
 GRADED_FIELDS = ("reference", "completion", "extracted", "reward", "correct", "formatted", "sample_correct", "sample_rewards")  # a column with more distinct values is an attribute, not a grouping
@@ -47,24 +48,31 @@ class EvalTarget:
 
 
 def resolve_target(
-    target: str, adapter: str | None, recipe: str | None, no_adapter: bool, output: Path | None
+    target: str,
+    adapter: str | None,
+    recipe: str | None,
+    no_adapter: bool,
+    output: Path | None,
+    overrides: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> EvalTarget:
     """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter).
 
     Default output folders differ for every combination, so that evaluating one base with
-    several adapters, or without one, never overwrites an earlier result.
+    several adapters, or without one, never overwrites an earlier result. A recipe read from a
+    folder may not run code the user did not ask for (krpo_cli/trust.py).
     """
     if no_adapter and adapter:
         raise ModelError("--no-adapter and --adapter contradict each other; choose one")
     path = Path(target)
     if adapter and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter}' is not a PEFT adapter directory (no adapter_config.json)")
+    named = load_recipe(recipe)[0] if recipe else None
     if is_run_dir(path):
         loaded, _ = load_recipe(str(path / RECIPE))
-        source = str(path / RECIPE)
-        if recipe:  # prompt, grader, data and generation from --recipe; the model stays the run's
-            loaded = load_recipe(recipe)[0].model_copy(update={"model": loaded.model})
-            source = recipe
+        found = source = str(path / RECIPE)
+        if named is not None:  # prompt, grader, data and generation from --recipe; the model stays the run's
+            loaded, source = named.model_copy(update={"model": loaded.model}), recipe
         own = path / ADAPTER if no_adapter or adapter else run_adapter(path)  # a stopped run: its latest checkpoint's
         chosen = None if no_adapter else Path(adapter) if adapter else own
         if chosen is None:
@@ -73,21 +81,43 @@ def resolve_target(
             name = "eval"
         else:  # another run's adapter on this run's base
             name = f"eval+{adapter_label(chosen)}"
-        return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name, source)
+        loaded = users_settings(loaded, source, found, overrides or [], trust_remote_code, named)
+        return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name, shown(source, overrides))
     chosen = Path(adapter) if adapter else None
     adapter_run = run_of_adapter(chosen) if chosen is not None else None
-    if recipe:
-        loaded, source = load_recipe(recipe)[0], recipe
+    found = None
+    if named is not None:
+        loaded, source = named, recipe
     elif adapter_run is not None:
-        loaded, source = load_recipe(str(adapter_run / RECIPE))[0], str(adapter_run / RECIPE)
+        found = source = str(adapter_run / RECIPE)
+        loaded = load_recipe(found)[0]
     elif (path / RECIPE_IN_MODEL_DIR).is_file():
-        loaded, source = load_recipe(str(path / RECIPE_IN_MODEL_DIR))[0], str(path / RECIPE_IN_MODEL_DIR)
+        found = source = str(path / RECIPE_IN_MODEL_DIR)
+        loaded = load_recipe(found)[0]
     else:
         loaded, source = Recipe(), "the default recipe"
+    loaded = users_settings(loaded, source, found, overrides or [], trust_remote_code, named)
     default_out = (path / "eval") if path.is_dir() else Path("runs") / "eval" / path.name
     if chosen is not None:
         default_out = default_out.with_name(f"{default_out.name}+{adapter_label(chosen)}")
-    return EvalTarget(target, chosen, loaded, output or default_out, source)
+    return EvalTarget(target, chosen, loaded, output or default_out, shown(source, overrides))
+
+
+def users_settings(
+    recipe: Recipe, source: str, found: str | None, overrides: list[str], trust_remote_code: bool, named: Recipe | None
+) -> Recipe:
+    """`recipe` (read from `source`) with the user's overrides and --trust-remote-code; when it was built on
+    the recipe `found` in a folder, refused if that asks to run code the user did not ask for."""
+    recipe = apply_overrides(recipe, overrides, source)
+    if trust_remote_code:
+        recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"trust_remote_code": True})})
+    if found is not None:
+        refuse_folder_code(recipe, found, consent_of(trust_remote_code, overrides, named))
+    return recipe
+
+
+def shown(source: str, overrides: list[str] | None) -> str:
+    return f"{source} with command-line overrides" if overrides else source
 
 
 def load_adapter(base, adapter_dir: Path, base_name: str):

@@ -31,6 +31,7 @@ from krpo_cli.evaluate import load_adapter
 from krpo_cli.log_probs import position_ids_from_mask
 from krpo_cli.models import ModelError, load_base, quiet_libraries, short
 from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info, stopped_run_note
+from krpo_cli.trust import Consent, refuse_remote_code
 
 VERIFY_PROMPTS = 4
 
@@ -85,11 +86,11 @@ def logits_of(model, inputs: dict) -> torch.Tensor:
     return out.logits.float() * mask.unsqueeze(-1)  # padding positions carry no meaning
 
 
-def base_dtype(path: str) -> torch.dtype:
+def base_dtype(path: str, trust_remote_code: bool = False) -> torch.dtype:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise MergeError(f"cannot read the config of the base '{path}': {short(err)}") from None
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
@@ -120,11 +121,13 @@ def check_merged(merged, inputs: dict, reference: torch.Tensor, tolerance: float
     return diff
 
 
-def check_saved(staging: Path, out_dtype: torch.dtype, inputs: dict, reference: torch.Tensor, tolerance: float) -> float:
+def check_saved(
+    staging: Path, out_dtype: torch.dtype, inputs: dict, reference: torch.Tensor, tolerance: float, trust_remote_code: bool
+) -> float:
     """Max |Δlogit| of the saved model, reloaded, against base + adapter (an error in float32 only)."""
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(staging, dtype=out_dtype, trust_remote_code=trust_remote_code).eval()
     diff = float((logits_of(reloaded, inputs) - reference).abs().max())
     if out_dtype == torch.float32 and not diff <= tolerance:
         shutil.rmtree(staging, ignore_errors=True)
@@ -141,8 +144,13 @@ def merge(
     tolerance: float = 1e-3,
     overwrite: bool = False,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Merge, save, verify; returns the merge_info record."""
+    """Merge, save, verify; returns the merge_info record.
+
+    The base's own code runs only with `trust_remote_code` (--trust-remote-code): the run's recipe
+    asking for it is refused without (krpo_cli/trust.py).
+    """
     quiet_libraries()
     from peft import PeftConfig
 
@@ -150,6 +158,8 @@ def merge(
     started = time.perf_counter()
     adapter_dir, run_dir = find_adapter(source)
     recipe = load_recipe(str(run_dir / RECIPE))[0] if run_dir else None
+    if recipe is not None:
+        refuse_remote_code(recipe, str(run_dir / RECIPE), Consent(remote_code=trust_remote_code))
     run_info = read_run_info(run_dir)
     base_name = recipe.model.name_or_path if recipe else PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
     out = out or ((run_dir / MERGED) if run_dir else adapter_dir.parent / f"{adapter_dir.name}-merged")
@@ -157,13 +167,12 @@ def merge(
     trained_quantization = run_info.get("quantization", "unknown")
     round_trip = trained_quantization == "nf4" if nf4 == "auto" else nf4 == "on"
 
-    trust = bool(recipe and recipe.model.trust_remote_code)
     note = stopped_run_note(adapter_dir)
     if note:
         console.print(note, highlight=False, markup=False, soft_wrap=True)
-    loaded = load_base(base_name, "none", torch.float32, torch.device("cpu"), trust, console=console)
+    loaded = load_base(base_name, "none", torch.float32, torch.device("cpu"), trust_remote_code, console=console)
     path, tokenizer, base = loaded.path, loaded.tokenizer, loaded.model
-    out_dtype = base_dtype(path) if dtype == "auto" else getattr(torch, dtype)
+    out_dtype = base_dtype(path, trust_remote_code) if dtype == "auto" else getattr(torch, dtype)
     console.print(f"[bold]krpo merge[/] {escape(str(adapter_dir))} into {escape(base_name)} (float32, then {str(out_dtype)[6:]})",
                   highlight=False)
     if round_trip:
@@ -185,7 +194,7 @@ def merge(
     if recipe is not None:
         (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
 
-    diff_saved = check_saved(staging, out_dtype, inputs, reference, tolerance) if verify else None
+    diff_saved = check_saved(staging, out_dtype, inputs, reference, tolerance, trust_remote_code) if verify else None
     info = {
         "base": base_name,
         "base_path": path,

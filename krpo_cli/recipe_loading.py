@@ -234,5 +234,14 @@ def load_recipe(name: str, overrides: list[str] | None = None) -> tuple[Recipe, 
     return _validate(raw, str(path), overrides or []), text
 
 
+def apply_overrides(recipe: Recipe, overrides: list[str], source: str) -> Recipe:
+    """A recipe krpo already holds (e.g. a run's, for `krpo eval`) with key=value overrides merged on,
+    validated as a recipe file with those overrides would be; the keys it set stay the keys it set."""
+    if not overrides:
+        return recipe
+    raw = _merge(recipe.model_dump(mode="json", exclude_unset=True), parse_overrides(overrides))
+    return _validate(raw, source, overrides)
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,9 +1,8 @@
-"""Run logging: metrics.jsonl / samples.jsonl writers, optional TensorBoard / W&B, and a progress display.
+"""Run logging: metrics.jsonl / samples.jsonl writers, optional TensorBoard / W&B, the figures' formatting.
 
 metrics.jsonl is always written; `output.log_to` adds TensorBoard event files under
 RUN/tensorboard/ and/or a Weights & Biases run, with the same numbers under the same keys.
-The progress display is a Rich progress bar on a terminal and one plain line per step
-otherwise (CI logs, pipes, notebooks that are not terminals).
+The progress display is krpo_cli/progress.py.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from krpo_cli.errors import KrpoError
 
@@ -163,45 +160,3 @@ def format_number(value) -> str:
         return f"{value:.3g}" if abs(value) < 1e-3 or abs(value) >= 1e4 else f"{value:.3f}"
     return str(value)
 
-
-class StepProgress:
-    """Step M/N with mean reward, KL and ETA."""
-
-    def __init__(self, console: Console, total_steps: int, first_step: int = 0):
-        self.console = console
-        self.total = total_steps
-        self.live = console.is_terminal
-        self.progress = None
-        if self.live:
-            self.progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[stats]}"),
-                TimeElapsedColumn(),
-                TextColumn("eta"),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            self.task = self.progress.add_task("train", total=total_steps, completed=first_step, stats="")
-
-    def __enter__(self) -> "StepProgress":
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def update(self, metrics: dict) -> None:
-        stats = (
-            f"reward {format_number(metrics['reward_mean'])}  correct {format_number(metrics['correct_frac'])}  "
-            f"kl {format_number(metrics['kl'])}  {format_number(metrics['step_seconds'])}s/step"
-        )
-        if "eval/accuracy" in metrics:
-            stats += f"  eval acc {format_number(metrics['eval/accuracy'])}"
-        if self.progress is not None:
-            self.progress.update(self.task, completed=metrics["step"], stats=stats)
-        else:
-            self.console.print(f"step {metrics['step']}/{self.total}  {stats}", highlight=False)

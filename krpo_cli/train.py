@@ -67,7 +67,8 @@ from krpo_cli.run_dir import (
     truncate_jsonl,
     write_run_info,
 )
-from krpo_cli.run_log import JsonlWriter, MetricsLogger, StepProgress, check_logging_backends, counted
+from krpo_cli.progress import StepProgress
+from krpo_cli.run_log import JsonlWriter, MetricsLogger, check_logging_backends, counted
 
 
 class TrainingInterrupted(Exception):
@@ -376,6 +377,7 @@ def print_header(console: Console, recipe: Recipe, loaded: LoadedModel, trainabl
         f"LoRA r={recipe.lora.r}, {num_trainable:,} trainable parameters · {counted(num_rows, 'training row')} · "
         f"run dir {escape(str(run_dir))}",
         highlight=False,
+        soft_wrap=True,  # a log line keeps its paths whole, whatever the width
     )
 
 
@@ -694,5 +696,6 @@ def finish(run: Run) -> Path:
         f"adapter saved to {run_dir / ADAPTER}",
         highlight=False,
         markup=False,
+        soft_wrap=True,
     )
     return run_dir

@@ -1,5 +1,6 @@
 """output.log_to: TensorBoard and W&B receive the numbers metrics.jsonl holds; missing packages fail early."""
 
+import io
 import sys
 import types
 
@@ -157,3 +158,74 @@ def test_counts_are_printed_with_their_noun_in_the_right_number():
 
     assert [counted(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
     assert counted(1, "training row") == "1 training row" and counted(1500, "training row") == "1,500 training rows"
+
+
+def test_the_eta_is_the_median_finished_step_times_the_steps_left():
+    from krpo_cli.progress import eta_seconds, format_duration
+
+    assert eta_seconds([], 10) is None  # nothing finished yet: no estimate
+    assert eta_seconds([90.0, 30.0, 40.0], 5) == 200.0  # median 40 s × 5 (the slow first step does not count double)
+    assert eta_seconds([30.0, 40.0], 3) == 105.0
+    assert [format_duration(s) for s in (None, 0, 42, 725, 3723)] == ["…", "0:00", "0:42", "12:05", "1:02:03"]
+
+
+def step_metrics_of(step: int) -> dict:
+    return {"step": step, "reward_mean": 0.5123, "correct_frac": 0.4, "kl": 0.01234, "step_seconds": 33.9,
+            "eval/accuracy": 0.25}
+
+
+def show_three_slow_steps(console, total: int = 50) -> str:
+    """Three steps of 34 s each (a clock that the test moves), as StepProgress prints them."""
+    from krpo_cli.progress import StepProgress
+
+    now = [1000.0]
+    with StepProgress(console, total, clock=lambda: now[0]) as progress:
+        for step in (1, 2, 3):
+            now[0] += 34.0
+            progress.update(step_metrics_of(step))
+    return console.export_text()
+
+
+@pytest.mark.parametrize("width", [80, 40])
+def test_slow_steps_show_elapsed_and_eta_within_the_terminal_width(width):
+    from rich.cells import cell_len
+    from rich.console import Console
+
+    rendered = show_three_slow_steps(Console(width=width, force_terminal=True, record=True))
+    # the display is redrawn in place; its last frame is what stays on the screen
+    frame = "train 3/50" + rendered.rsplit("train 3/50", 1)[1]
+    lines = frame.rstrip("\n").split("\n")
+    assert all(cell_len(line) <= width for line in lines), lines
+    assert "1:42 elapsed" in lines[0] and "eta 26:38" in lines[0]  # 47 steps left × 34 s
+    assert "reward 0.512" in frame and "correct 0.400" in frame
+    if width == 80:
+        assert len(lines) == 2 and "kl 0.012" in lines[1] and "eval acc 0.250" in lines[1]
+        assert "━" * 10 in lines[0]  # a bar that still shows something
+
+
+def test_a_log_that_is_not_a_terminal_gets_one_unwrapped_line_per_step():
+    from rich.console import Console
+
+    rendered = show_three_slow_steps(Console(width=40, force_terminal=False, record=True, file=io.StringIO()))
+    assert rendered.splitlines() == [
+        f"step {step}/50 · {elapsed} elapsed · eta {eta} · 33.9s/step · reward 0.512 · correct 0.400 · kl 0.012 · "
+        "eval acc 0.250"
+        for step, elapsed, eta in ((1, "0:34", "27:46"), (2, "1:08", "27:12"), (3, "1:42", "26:38"))
+    ]
+
+
+def test_training_log_lines_are_not_wrapped_on_a_narrow_console(tmp_path, tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    from krpo_cli import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=40))  # not a terminal: a log, as in CI or a pipe
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "a-rather-long-folder-name"))
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "a-rather-long-folder-name" / "tiny"
+    lines = result.output.splitlines()
+    assert any(line.startswith("loading model ") and f"{tiny_model_dir} · quantization none" in line for line in lines)
+    assert any(line.startswith("krpo train") and line.endswith(f"run dir {run_dir}") for line in lines)
+    assert [line.split(" · ")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert lines[-1].startswith("done: ") and lines[-1].endswith(f"adapter saved to {run_dir / 'adapter'}")

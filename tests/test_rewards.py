@@ -1,5 +1,9 @@
+import os
+import re
+import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +20,9 @@ from krpo_cli.rewards import (
     grade_numeric,
     load_grader,
     reference_from_solution,
+    user_grader_specs,
 )
+from conftest import write_recipe
 
 
 @pytest.mark.parametrize(
@@ -270,6 +276,12 @@ def as_string(completion, reference):
     return "1.0"
 
 NOT_CALLABLE = 3
+
+def raises(completion, reference):
+    raise ValueError("no score for\\nthis one")
+
+def one_argument(completion):
+    return 1.0
 """
 
 
@@ -356,3 +368,71 @@ def test_math_verify_timeout_on_main_thread(monkeypatch):
     grade = grade_math_verify("<answer>10^{10^{10}}</answer>", "3")  # hangs without a timeout
     assert grade.reward == 0.0 and grade.formatted
     assert time.monotonic() - start < 30
+
+
+def test_a_grader_that_cannot_take_completion_and_reference_is_refused_at_load(user_module):
+    for spec, shown in [("os:system", "system(command)"), (f"{user_module}:one_argument", "one_argument(completion)")]:
+        with pytest.raises(GraderError, match=re.escape(f"{shown} cannot be called as function(completion, reference)")):
+            load_grader(spec)
+
+
+def test_a_builtin_without_a_signature_fails_at_its_first_call_in_one_line():
+    grader = load_grader("builtins:iter")  # no signature to check: iter("x", "7") raises TypeError
+    with pytest.raises(GraderError, match="user grader 'builtins:iter' raised TypeError: "):
+        grader("x", "7")
+
+
+def test_a_grader_that_raises_ends_in_one_line_naming_it(user_module):
+    grader = load_grader(f"{user_module}:raises")
+    with pytest.raises(GraderError) as raised:
+        grader("x", "7")
+    assert str(raised.value) == f"user grader '{user_module}:raises' raised ValueError: no score for this one"
+
+
+def test_user_grader_specs_names_only_user_graders():
+    from krpo_cli.config import RewardSettings
+
+    assert user_grader_specs(RewardSettings(grader="numeric")) == []
+    assert user_grader_specs(RewardSettings(grader="pkg.mod:score")) == ["pkg.mod:score"]
+
+
+def test_a_grader_module_in_the_current_folder_is_imported_for_the_import_only(tmp_path, monkeypatch):
+    (tmp_path / "grader_in_cwd_mod.py").write_text("def score(completion, reference):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert load_grader("grader_in_cwd_mod:score")("a", "b").reward == 1.0
+    finally:
+        sys.modules.pop("grader_in_cwd_mod", None)
+    assert str(tmp_path) not in sys.path
+
+
+GRADER_IN_FOLDER = "def score(completion, reference):\n    return float(completion == reference)\n"
+
+
+@pytest.mark.parametrize("entry_point", ["krpo", "python -m krpo_cli"])
+def test_both_entry_points_import_a_grader_from_the_current_folder(tmp_path, entry_point):
+    (tmp_path / "folder_grader_mod.py").write_text(GRADER_IN_FOLDER)
+    write_recipe(tmp_path / "mine.yaml", {"reward": {"grader": "folder_grader_mod:score"}})
+    write_recipe(tmp_path / "missing.yaml", {"reward": {"grader": "no_such_folder_mod_xyz:score"}})
+    bin_dir = Path(sys.executable).parent
+    command = [str(bin_dir / "krpo")] if entry_point == "krpo" else [sys.executable, "-m", "krpo_cli"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ok = subprocess.run([*command, "validate", "mine.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    missing = subprocess.run([*command, "validate", "missing.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "module 'no_such_folder_mod_xyz' not found" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_validate_imports_the_user_grader(tmp_path, user_module):
+    from typer.testing import CliRunner
+
+    from krpo_cli.cli import app
+
+    runner = CliRunner()
+    good = write_recipe(tmp_path / "good.yaml", {"reward": {"grader": f"{user_module}:as_float"}})
+    assert runner.invoke(app, ["validate", str(good)]).exit_code == 0
+    for spec, message in [("no_such_pkg_xyz.mod:f", "not found"), (f"{user_module}:one_argument", "cannot be called")]:
+        result = runner.invoke(app, ["validate", str(good), f"reward.grader={spec}"])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
