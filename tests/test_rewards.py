@@ -436,3 +436,16 @@ def test_validate_imports_the_user_grader(tmp_path, user_module):
     for spec, message in [("no_such_pkg_xyz.mod:f", "not found"), (f"{user_module}:one_argument", "cannot be called")]:
         result = runner.invoke(app, ["validate", str(good), f"reward.grader={spec}"])
         assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_validate_imports_a_user_grader_but_not_torch(tmp_path):
+    (tmp_path / "light_grader_mod.py").write_text(GRADER_IN_FOLDER)
+    write_recipe(tmp_path / "r.yaml", {"reward": {"grader": "light_grader_mod:score"}})
+    script = (
+        "import sys; from typer.testing import CliRunner; from krpo_cli.cli import app; "
+        "result = CliRunner().invoke(app, ['validate', 'r.yaml']); "
+        "print(result.exit_code, 'light_grader_mod' in sys.modules, 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.stdout.split() == ["0", "True", "False"], done.stderr
