@@ -133,6 +133,11 @@ class LoraSettings(_Strict):
         "all-linear",
         description="Module names to adapt (a list, or comma-separated: q_proj,v_proj), or 'all-linear' (every linear layer but the output head).",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from a saved PEFT adapter (a folder, e.g. an SFT run's) instead of a fresh one: its weights "
+        "are loaded trainable onto the base. Its rank, alpha and target modules must be this section's.",
+    )
 
     @field_validator("target_modules", mode="before")
     @classmethod
@@ -146,6 +151,12 @@ class LoraSettings(_Strict):
         if isinstance(value, list) and (not value or not all(isinstance(n, str) and n.strip() for n in value)):
             raise ValueError(f"lora.target_modules must name at least one module, or be 'all-linear' (found {value!r})")
         return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        # Absolute, so that the run's saved recipe.yaml finds the adapter from any directory.
+        return None if value is None else str(Path(value).expanduser().resolve())
 
 
 class DataSettings(_Strict):

@@ -393,4 +393,53 @@ def load_policy(model_settings, lora_settings, seed: int, device: torch.device |
         target_modules=lora_settings.target_modules,
         task_type="CAUSAL_LM",
     )
-    return dataclasses.replace(loaded, model=get_peft_model(base, lora))
+    model = get_peft_model(base, lora)
+    if lora_settings.init_from:
+        load_initial_adapter(model, Path(lora_settings.init_from), lora_settings)
+    return dataclasses.replace(loaded, model=model)
+
+
+def load_initial_adapter(model, adapter_dir: Path, lora_settings) -> None:
+    """Copy a saved PEFT adapter's weights (lora.init_from: e.g. an SFT run's) into the policy's fresh,
+    trainable adapter. It must fit the recipe's lora section (rank, alpha, target modules) and the base
+    (every weight present, same shapes); anything else is one line naming what differs."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    where = f"lora.init_from: the adapter '{adapter_dir}' (made for base '{adapter_base(adapter_dir)}')"
+    try:
+        saved = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"lora.init_from: '{adapter_dir}' is not a readable PEFT adapter directory (adapter_config.json and "
+            f"adapter_model.safetensors): {type(err).__name__}"
+        ) from None
+    differing = adapter_config_differences(saved, model.peft_config["default"])
+    if differing:
+        raise ModelError(f"{where} does not fit the recipe's lora section: {'; '.join(differing)}")
+    try:
+        result = set_peft_model_state_dict(model, weights)
+    except RuntimeError as err:  # a shape mismatch: an adapter for another base
+        detail = " ".join(str(err).split())[:200]
+        raise ModelError(f"{where} does not fit the base model: {detail}") from None
+    missing = [key for key in result.missing_keys if "lora_" in key]
+    if result.unexpected_keys or missing:
+        example = (result.unexpected_keys or missing)[0]
+        raise ModelError(f"{where} does not fit the base model (e.g. {'unexpected' if result.unexpected_keys else 'missing'} weight {example})")
+
+
+def adapter_config_differences(saved: dict, recipe_config) -> list[str]:
+    """The recipe's LoRA settings that a saved adapter_config.json differs in, each as 'key: adapter x, recipe y'."""
+    differing = []
+    if saved.get("r") != recipe_config.r:
+        differing.append(f"lora.r: adapter {saved.get('r')}, recipe {recipe_config.r}")
+    if float(saved.get("lora_alpha") or 0) != float(recipe_config.lora_alpha):
+        differing.append(f"lora.alpha: adapter {saved.get('lora_alpha')}, recipe {recipe_config.lora_alpha}")
+    targets = saved.get("target_modules")
+    targets = {targets} if isinstance(targets, str) else set(targets or ())
+    if targets != set(recipe_config.target_modules):  # PEFT saves all-linear as the modules it chose
+        differing.append(f"lora.target_modules: adapter {sorted(targets)}, recipe {sorted(recipe_config.target_modules)}")
+    if saved.get("use_dora") or saved.get("modules_to_save"):
+        differing.append("the adapter has DoRA or fully trained modules (modules_to_save), which krpo does not train")
+    return differing
