@@ -159,6 +159,12 @@ class LoraSettings(_Strict):
         return None if value is None else str(Path(value).expanduser().resolve())
 
 
+# apply_chat_template's own arguments, which krpo sets: data.chat_template_kwargs may not pass them.
+CHAT_TEMPLATE_OWN_ARGUMENTS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                               "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                               "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
+
+
 class DataSettings(_Strict):
     source: Literal["arithmetic", "digits", "file", "hub"] = Field(
         "arithmetic",
@@ -186,6 +192,17 @@ class DataSettings(_Strict):
     max_question_chars: int | None = Field(None, ge=1, le=MAX_COUNT, description="Drop questions longer than this many characters.")
     system_prompt: str = Field(PAPER_SYSTEM_PROMPT, description="System message of every prompt ('' for none).")
     prompt_template: str = Field("{question}", description="User message; {question} is replaced.")
+    messages_field: str | None = Field(
+        None,
+        description="A conversational dataset's field holding a list of {role, content} turns (TRL's conversational "
+        "format): the last user turn is the question (through prompt_template), the turns before it lead the prompt, "
+        "turns after it are dropped; the answer is still answer_field. Replaces question_field when set.",
+    )
+    chat_template_kwargs: dict[str, bool | int | float | str] = Field(
+        default_factory=dict,
+        description="Extra arguments to the tokenizer's chat template (as TRL's chat_template_kwargs), "
+        "e.g. {enable_thinking: false} for Qwen3.",
+    )
     max_samples: int | None = Field(None, ge=1, le=MAX_COUNT, description="Use at most this many training rows.")
 
     # Local file suffixes and the `datasets` builder that reads each: the one table that both
@@ -222,6 +239,9 @@ class DataSettings(_Strict):
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
         if "{question}" not in self.prompt_template:
             raise ValueError("data.prompt_template must contain {question}")
+        taken = sorted(set(self.chat_template_kwargs) & CHAT_TEMPLATE_OWN_ARGUMENTS)
+        if taken:
+            raise ValueError(f"data.chat_template_kwargs: {', '.join(taken)} is set by krpo itself, not by the recipe")
         return self
 
 

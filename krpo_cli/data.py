@@ -231,7 +231,12 @@ def _normalise(record: dict, settings: DataSettings) -> dict | None:
     None for a record without a question or an answer: it could only be asked as "None" or
     graded against "None".
     """
-    question, answer = record.get(settings.question_field), record.get(settings.answer_field)
+    history = None
+    if settings.messages_field:
+        history, question = _conversation(record.get(settings.messages_field))
+    else:
+        question = record.get(settings.question_field)
+    answer = record.get(settings.answer_field)
     if _missing(question) or _missing(answer):
         return None
     answer = _text(answer)  # a JSON int 30 gives "30"; a float 30.0 stays "30.0", as the user wrote it
@@ -244,11 +249,34 @@ def _normalise(record: dict, settings: DataSettings) -> dict | None:
     if not answer.strip():  # e.g. an empty \boxed{}
         return None
     row = {"question": _text(question), "answer": answer}
+    if history is not None:
+        row["history"] = history
     for key, value in record.items():
-        if key not in (settings.question_field, settings.answer_field) and isinstance(value, (str, int, bool)):
+        if key not in (_question_source(settings), settings.answer_field) and isinstance(value, (str, int, bool)):
             if not isinstance(value, str) or len(value) <= 100:  # keep labels, not long texts
                 row[key] = _text(value) if isinstance(value, str) else value
     return row
+
+
+def _question_source(settings: DataSettings) -> str:
+    """The field a question comes from: data.messages_field when set, else data.question_field."""
+    return settings.messages_field or settings.question_field
+
+
+def _conversation(value) -> tuple[list[dict] | None, str | None]:
+    """A conversational cell (a list of {role, content}) as (the turns before its last user turn, that
+    turn's content); (None, None) when it is not such a list or has no user turn."""
+    if not isinstance(value, list) or not all(
+        isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)
+        for turn in value
+    ):
+        return None, None
+    users = [i for i, turn in enumerate(value) if turn["role"] == "user"]
+    if not users:
+        return None, None
+    last = users[-1]
+    history = [{"role": turn["role"], "content": _text(turn["content"])} for turn in value[:last]]
+    return history, value[last]["content"]
 
 
 def _usable_rows(records: Sequence[dict], settings: DataSettings, where: str) -> tuple[list[dict], int]:
@@ -257,7 +285,7 @@ def _usable_rows(records: Sequence[dict], settings: DataSettings, where: str) ->
     A field that no record has is a wrong field name, not a gap in the data: an error. So is a
     source with no usable row at all.
     """
-    fields = (settings.question_field, settings.answer_field)
+    fields = (_question_source(settings), settings.answer_field)
     columns = getattr(records, "column_names", None) or list(dict.fromkeys(key for record in records for key in record))
     for name in fields:
         if records and name not in columns:
@@ -279,7 +307,7 @@ def _rows(records: Sequence[dict], settings: DataSettings, where: str) -> list[d
     if skipped:
         _note(
             f"data: skipped {skipped} of {len(records)} rows of {where} with an empty or missing "
-            f"'{settings.question_field}' or '{settings.answer_field}', or one that is a list or mapping, not text"
+            f"'{_question_source(settings)}' or '{settings.answer_field}', or one that is a list or mapping, not text"
         )
     return rows
 
@@ -381,14 +409,18 @@ def load_eval_rows(spec: str | None, settings: DataSettings, split: str = "test"
     return rows, spec
 
 
-def build_prompt(tokenizer, settings: DataSettings, question: str) -> str:
-    """The prompt text for one question: the chat template when the tokenizer has one."""
+def build_prompt(tokenizer, settings: DataSettings, question: str, history: list[dict] | None = None) -> str:
+    """The prompt text for one question: the chat template when the tokenizer has one (with
+    data.chat_template_kwargs). `history`: a conversational row's turns before the question; the
+    system prompt leads unless they hold a system turn of their own."""
     user = settings.prompt_template.replace("{question}", question)
-    messages = [{"role": "user", "content": user}]
-    if settings.system_prompt:
+    messages = [*(history or []), {"role": "user", "content": user}]
+    if settings.system_prompt and not any(turn["role"] == "system" for turn in messages):
         messages.insert(0, {"role": "system", "content": settings.system_prompt})
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **settings.chat_template_kwargs
+        )
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
@@ -411,13 +443,14 @@ def drop_overlong(rows: list[dict], tokenizer, settings: DataSettings, budget: i
         return rows
     overhead = len(build_prompt(tokenizer, settings, "").encode("utf-8")) + 8
 
-    def fits(question: str) -> bool:
-        if overhead + len(question.encode("utf-8")) <= budget:
+    def fits(row: dict) -> bool:
+        turns = [row["question"]] + [turn["content"] for turn in row.get("history") or []]
+        if overhead + sum(len(text.encode("utf-8")) + 16 for text in turns) <= budget:  # 16: a turn's markers
             return True
-        prompt = build_prompt(tokenizer, settings, question)
+        prompt = build_prompt(tokenizer, settings, row["question"], row.get("history"))
         return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
 
-    kept = [row for row in rows if fits(row["question"])]
+    kept = [row for row in rows if fits(row)]
     if not kept:
         raise DataError(
             f"no question of {where} fits the model's context: each prompt has more than {max(budget, 0)} tokens "

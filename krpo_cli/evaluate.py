@@ -172,7 +172,7 @@ def evaluate_model(
     records = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        prompts = [build_prompt(tokenizer, recipe.data, row["question"]) for row in batch]
+        prompts = [build_prompt(tokenizer, recipe.data, row["question"], row.get("history")) for row in batch]
         greedy = generate_rollout(model, tokenizer, prompts, 1, max_new, greedy=True, engine=gen.engine)
         sampled = None
         if samples:

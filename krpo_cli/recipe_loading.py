@@ -17,7 +17,7 @@ from krpo_cli.config import RECIPES_DIR, AlgorithmSettings, Recipe, RecipeError,
 from krpo_cli.recipe_yaml import RefusedYAML, load_yaml, yaml_problem
 
 _TABLE_KEYS = ("path", "config", "train_split", "test_split", "test_size", "split_seed", "question_field",
-               "answer_field", "answer_format")
+               "answer_field", "answer_format", "messages_field")
 
 
 def ineffective_keys(recipe: Recipe) -> list[str]:

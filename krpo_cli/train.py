@@ -426,7 +426,7 @@ def collect_rollout(run: Run) -> Batch:
     cfg, alg, gen, dist = run.recipe, run.recipe.algorithm, run.recipe.generation, run.dist
     global_rows = run.sampler.next_batch(cfg.train.prompts_per_step)
     rows = dist.shard(global_rows)  # this rank's whole prompts
-    prompts = [build_prompt(run.loaded.tokenizer, cfg.data, row["question"]) for row in rows]
+    prompts = [build_prompt(run.loaded.tokenizer, cfg.data, row["question"], row.get("history")) for row in rows]
     rollout = generate_rollout(
         run.model, run.loaded.tokenizer, prompts, alg.group_size, gen.max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, batch_size=gen.batch_size,
