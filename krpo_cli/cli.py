@@ -137,7 +137,12 @@ def train(
             train_seeds(recipe, overrides or [], seeds, overwrite=overwrite, resume=resume, console=console)
         else:
             loaded, text = load_recipe(recipe, overrides or [])
-            warn_ineffective(loaded)
+            if resume or resume_from:  # RUN/recipe.yaml of a moved or renamed run: continue it where it is now
+                from krpo_cli.run_dir import follow_moved_run
+
+                loaded = follow_moved_run(recipe, loaded, overrides or [])
+            else:  # (a run's resolved recipe.yaml sets every key: its start already warned)
+                warn_ineffective(loaded)
             run_training(loaded, text, overwrite=overwrite, console=console, resume=str(resume_from) if resume_from else resume)
     except TrainingInterrupted as stop:
         # soft_wrap: the command stays one line, whatever the width, so that it can be pasted

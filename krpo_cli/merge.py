@@ -189,10 +189,15 @@ def merge(
 
     staging = out.with_name(out.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if recipe is not None:
-        (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if recipe is not None:
+            (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
+    except OSError as err:  # a full disk, a folder made read-only: the half-written copy goes, nothing was replaced
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MergeError(f"cannot write the merged model beside '{out}': {err.strerror or err}; "
+                         f"nothing was replaced, and the adapter '{adapter_dir}' is unchanged") from None
 
     diff_saved = check_saved(staging, out_dtype, inputs, reference, tolerance, trust_remote_code) if verify else None
     info = {

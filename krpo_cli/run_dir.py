@@ -224,8 +224,27 @@ def find_resume_checkpoint(run_dir: Path, resume: str | bool) -> Path:
     return found[-1]
 
 
-# Keys that may differ between a run and its resumption: they do not change what was computed so far.
-RESUMABLE_CHANGES = ("train.steps", "output.", "eval.", "generation.batch_size", "train.max_consecutive_skips")
+# Keys that may differ between a run and its resumption: they do not change what was computed so far
+# (run.name and run.output_dir: where the run lives, after it was moved or renamed).
+RESUMABLE_CHANGES = ("train.steps", "output.", "eval.", "generation.batch_size", "train.max_consecutive_skips",
+                     "run.name", "run.output_dir")
+
+
+def follow_moved_run(recipe_file: str, recipe: Recipe, overrides: list[str]) -> Recipe:
+    """For `krpo train RUN/recipe.yaml --resume`: the run is the folder that holds that recipe.yaml, even
+    when the run was moved or renamed since (its run.output_dir/run.name name the old place), unless the
+    overrides set run.name or run.output_dir."""
+    path = Path(recipe_file)
+    if path.name != RECIPE or not (path.parent / CHECKPOINTS).is_dir():
+        return recipe
+    if any(o.split("=", 1)[0].strip() in ("run.name", "run.output_dir") for o in overrides):
+        return recipe
+    holder = Path(os.path.abspath(path.parent))
+    if os.path.abspath(run_dir_of(recipe)) == str(holder):
+        return recipe
+    moved = recipe.model_copy(deep=True)
+    moved.run.output_dir, moved.run.name = str(holder.parent), holder.name
+    return moved
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -273,7 +292,8 @@ def check_resumable(run_dir: Path, recipe: Recipe) -> None:
         shown = ", ".join(f"{k} ({saved.get(k)!r} → {current.get(k)!r})" for k in differing[:4])
         raise CheckpointError(
             f"the checkpoint in '{run_dir}' was made with a different recipe: {shown}; "
-            "resume with the same recipe, or start over with --overwrite"
+            f"continue the run with its own recipe: krpo train {run_dir / RECIPE} --resume "
+            "(train.steps, output.* and eval.* may change)"
         )
 
 

@@ -196,3 +196,82 @@ def test_failed_eval_leaves_no_output_folder(tmp_path, monkeypatch):
     result = runner.invoke(app, ["eval", "runs/quickstrat"])  # a mistyped run: a path, not a hub id
     assert result.exit_code == 2 and "model path 'runs/quickstrat' does not exist" in result.output, result.output
     assert list((tmp_path / "runs").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def tampered_runs(tmp_path_factory, tiny_model_dir):
+    """A trained run (LoRA r=4) and a rank-8 one, whose checkpoint adapter the tampered copies borrow."""
+    root = tmp_path_factory.mktemp("tampered")
+    for name, rank in (("r4", 4), ("r8", 8)):
+        recipe = write_recipe(root / f"{name}.yaml", tiny_recipe(tiny_model_dir, root / "runs", run={"name": name},
+                                                                 lora={"r": rank, "alpha": 2 * rank}, train={"steps": 1}))
+        assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    return root
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def drop_state_entry(path, key):
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    del state[key]
+    torch.save(state, path)
+
+
+CHECKPOINT = "checkpoints/step_000001"
+TAMPERED = {  # what is done to a copy of the r=4 run, the file the message names, what it says
+    "checkpoint without trainer_state.pt": (lambda run, root: (run / CHECKPOINT / "trainer_state.pt").unlink(),
+                                            f"{CHECKPOINT}/trainer_state.pt' is missing"),
+    "trainer state without the sampler": (lambda run, root: drop_state_entry(run / CHECKPOINT / "trainer_state.pt", "sampler"),
+                                          "has no 'sampler' entry"),
+    "trainer state without the RNG": (lambda run, root: drop_state_entry(run / CHECKPOINT / "trainer_state.pt", "rng"),
+                                      "has no 'rng' entry"),
+    "truncated trainer state": (lambda run, root: truncate(run / CHECKPOINT / "trainer_state.pt"),
+                                f"{CHECKPOINT}/trainer_state.pt' cannot be read, it is damaged"),
+    "truncated checkpoint adapter": (lambda run, root: truncate(run / CHECKPOINT / "adapter/adapter_model.safetensors"),
+                                     "adapter_model.safetensors' cannot be read, it is damaged"),
+    "rank-8 adapter in a rank-4 checkpoint": (
+        lambda run, root: shutil.copy(root / "runs/r8" / CHECKPOINT / "adapter/adapter_model.safetensors",
+                                      run / CHECKPOINT / "adapter/adapter_model.safetensors"),
+        "adapter_model.safetensors' does not fit this recipe's adapter"),
+}
+
+
+def file_hashes(folder):
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def assert_one_error_line(result, expected):
+    """Exit 2 and one error line, the last (after what loaded: these are found once the model is up)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.output
+    assert expected in lines[-1], result.output
+
+
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_a_tampered_checkpoint_is_one_line_and_changes_nothing(tampered_runs, case):
+    tamper, expected = TAMPERED[case]
+    run = tampered_runs / "cases" / case.replace(" ", "-")
+    shutil.copytree(tampered_runs / "runs" / "r4", run)
+    tamper(run, tampered_runs)
+    before = file_hashes(run)
+    result = runner.invoke(app, ["train", str(run / "recipe.yaml"), "--resume", "train.steps=2"])
+    assert_one_error_line(result, expected)
+    assert file_hashes(run) == before, "a refused resume leaves the run directory as it was"
+
+
+@pytest.mark.parametrize("command", ["eval", "merge"])
+def test_a_truncated_adapter_is_one_line_naming_the_file(tampered_runs, command, tmp_path):
+    run = tmp_path / "r4"
+    shutil.copytree(tampered_runs / "runs" / "r4", run)
+    truncate(run / "adapter" / "adapter_model.safetensors")
+    args = [command, str(run)] + (["--limit", "1"] if command == "eval" else [])
+    assert_one_error_line(runner.invoke(app, args), f"the adapter file '{run / 'adapter' / 'adapter_model.safetensors'}' is damaged")

@@ -259,3 +259,129 @@ def test_a_resume_on_changed_data_is_refused(tmp_path, tiny_model_dir):
         f.write('{"question": "9 + 1", "answer": "10"}\n')
     changed = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=3"])
     assert changed.exit_code == 2 and "the training data differs from the data of the checkpoint" in changed.output
+
+
+class StopAfterFirstStep(train_module.StopRequest):
+    """As if Ctrl+C came during the first step of the run."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.signal = signal.SIGINT
+        return self
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_timeline_aside(tmp_path, tiny_model_dir, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tiny_model_dir, tmp_path / "runs", train={"steps": 4}, output={"save_every": 2, "save_every_minutes": 0}))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    first_timeline = read_jsonl(run_dir / "metrics.jsonl")
+    monkeypatch.setattr(train_module, "StopRequest", StopAfterFirstStep)
+    earlier = runner.invoke(app, ["train", str(recipe), "--resume-from", str(run_dir / "checkpoints" / "step_000002")])
+    assert earlier.exit_code == 130, earlier.output
+    (aside,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert str(aside) in " ".join(earlier.output.split())
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_000002", "step_000003"]
+    assert (aside / "step_000004" / "trainer_state.pt").is_file() and (aside / "adapter").is_dir()
+    assert not (run_dir / "adapter").exists()
+    assert [m["step"] for m in read_jsonl(aside / "metrics.jsonl")] == [3, 4]  # the abandoned rows, kept
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2, 3]
+    assert [s["step"] for s in read_jsonl(aside / "samples.jsonl")] == [3, 3, 4, 4]
+    monkeypatch.undo()
+    again = runner.invoke(app, ["train", str(recipe), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert "step 3 done" in again.output  # the new timeline's checkpoint, not the abandoned step 4
+    assert untimed(read_jsonl(run_dir / "metrics.jsonl")) == untimed(first_timeline)  # the same seed: the same steps
+
+
+def test_an_incomplete_last_log_line_is_dropped_with_a_note(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as f:
+        f.write('{"step": 2, "reward_mean": 0.')  # a kill in the middle of writing step 2
+    resumed = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "metrics.jsonl: dropped an incomplete last line" in resumed.output
+    assert [m["step"] for m in read_jsonl(run_dir / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_damaged_log_line_before_the_last_is_one_line_naming_it(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 2}))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text(lines[0][:20] + "\n" + lines[1] + "\n")
+    result = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=3"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"'{run_dir / 'metrics.jsonl'}' line 1 is not a logged step" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("how", ["its recipe.yaml", "run.name and run.output_dir"])
+def test_a_moved_and_renamed_run_resumes(tmp_path, tiny_model_dir, how):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    moved = (tmp_path / "runs" / "tiny").rename(tmp_path / "elsewhere" / "renamed")
+    if how == "its recipe.yaml":
+        args = ["train", str(moved / "recipe.yaml"), "--resume", "train.steps=2"]
+    else:
+        args = ["train", str(recipe), "--resume", "train.steps=2", "run.name=renamed", f"run.output_dir={tmp_path / 'elsewhere'}"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"resumed from {moved / 'checkpoints' / 'step_000001'}" in " ".join(result.output.split())
+    assert [m["step"] for m in read_jsonl(moved / "metrics.jsonl")] == [1, 2]
+    saved = yaml.safe_load((moved / "recipe.yaml").read_text())["run"]
+    assert (saved["name"], saved["output_dir"]) == ("renamed", str(tmp_path / "elsewhere"))
+    assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_a_changed_recipe_is_refused_with_the_command_that_continues_the_run(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    result = runner.invoke(app, ["train", str(recipe), "--resume", "train.learning_rate=0.5"])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "--overwrite" not in message
+    assert f"krpo train {tmp_path / 'runs' / 'tiny' / 'recipe.yaml'} --resume" in message
+
+
+def file_hashes(folder: Path) -> dict:
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_refused_resume_leaves_the_run_directory_byte_identical(tmp_path, tiny_model_dir):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"steps": 1}))
+    run_dir = tmp_path / "runs" / "tiny"
+    assert runner.invoke(app, ["train", str(recipe)]).exit_code == 0
+    (checkpoint,) = list_checkpoints(run_dir)
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=True)
+    del state["sampler"]
+    torch.save(state, checkpoint / "trainer_state.pt")
+    (run_dir / "checkpoints" / ".tmp-step_000002-999").mkdir()  # a kill's leftover stays too
+    before = file_hashes(run_dir)
+    result = runner.invoke(app, ["train", str(recipe), "--resume", "train.steps=2"])  # would rewrite recipe.yaml
+    assert result.exit_code == 2 and "has no 'sampler' entry" in result.output, result.output
+    assert file_hashes(run_dir) == before
+    assert (run_dir / "checkpoints" / ".tmp-step_000002-999").is_dir()
+
+
+def test_checkpoint_due_by_steps_or_by_rank_0s_clock():
+    from types import SimpleNamespace
+
+    from krpo_cli.distributed import DistributedContext
+
+    def run(minutes: float, dist=None):
+        recipe = Recipe.model_validate({"train": {"steps": 10}, "output": {"save_every": 4, "save_every_minutes": minutes}})
+        return SimpleNamespace(recipe=recipe, dist=dist or DistributedContext.from_env())
+
+    now = time.monotonic()
+    assert train_module.checkpoint_due(run(10), 4, now) and train_module.checkpoint_due(run(10), 10, now)
+    assert not train_module.checkpoint_due(run(10), 3, now)
+    assert train_module.checkpoint_due(run(10), 3, now - 601)  # 10 minutes since the last checkpoint
+    assert not train_module.checkpoint_due(run(0), 3, now - 10**6)  # 0: by steps only
+    asked = []
+    other_rank = SimpleNamespace(is_main=False, any=lambda flag: asked.append(flag) or False)
+    assert not train_module.checkpoint_due(run(10, other_rank), 3, now - 601)  # its own clock does not decide
+    assert asked == [False]  # every rank takes part in the collective, with rank 0's answer
