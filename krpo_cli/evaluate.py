@@ -123,9 +123,16 @@ def shown(source: str, overrides: list[str] | None) -> str:
 def load_adapter(base, adapter_dir: Path, base_name: str):
     """Base + adapter for inference; an adapter made for another base is refused by name."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
+    weights = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"the adapter file '{weights}' is missing")
     try:
         return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    except (SafetensorError, OSError) as err:  # a file cut short (a full disk, an interrupted copy) or not safetensors
+        detail = " ".join(str(err).split())[:120]
+        raise ModelError(f"the adapter file '{weights}' is damaged (cut short or not safetensors: {detail})") from None
     except (RuntimeError, ValueError, KeyError) as err:
         trained_on = adapter_base(adapter_dir)
         arch = ",".join(getattr(base.config, "architectures", None) or [type(base).__name__])

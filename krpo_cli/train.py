@@ -350,7 +350,8 @@ def check_before_loading(recipe: Recipe, overwrite: bool, resume: str | bool) ->
     if summary is not None and summary["data_digest"] not in (None, data_digest):
         raise CheckpointError(  # (a checkpoint written before krpo kept the digest has None: not checked)
             f"the training data differs from the data of the checkpoint '{checkpoint}' (a changed file, or "
-            "another krpo version's reading of it); the run cannot continue on the same prompts, start over with --overwrite"
+            "another krpo version's reading of it); the run continues only on the rows it was trained on: restore "
+            "them and resume, or train on the new data as a new run (another run.name)"
         )
     eval_rows = load_rows(recipe.data, "test")[: recipe.eval.size] if recipe.eval.every else []
     return run_dir, checkpoint, rows, data_digest, eval_rows
@@ -407,14 +408,15 @@ def continue_timeline(run: Run, checkpoint: Path) -> None:
     remove_partial_checkpoints(run_dir)
     aside = set_aside_later_checkpoints(run_dir, step, time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     notes = [truncate_jsonl(run_dir / name, step, cut_to=aside / name if aside else None) for name in (METRICS, SAMPLES)]
-    run.console.print(f"resumed from {checkpoint} (step {step} done)", highlight=False, markup=False)
+    run.console.print(f"resumed from {checkpoint} (step {step} done)", highlight=False, markup=False, soft_wrap=True)
     if aside is not None:
+        later = ", ".join(sorted(p.name for p in aside.iterdir() if p.is_dir()))
         run.console.print(
-            f"the later checkpoints of this run (and its adapter and logs after step {step}) were moved to {aside}: "
-            "this run now continues from step " + str(step), highlight=False, markup=False,
+            f"the steps after {step} are abandoned: {later} and their log lines moved to {aside} (nothing deleted)",
+            highlight=False, markup=False, soft_wrap=True,
         )
     for note in filter(None, notes):
-        run.console.print(note, highlight=False, markup=False)
+        run.console.print(note, highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------------------
