@@ -119,9 +119,27 @@ def train(
         Optional[str],
         typer.Option("--seeds", help="Train once per seed, e.g. 1,2,3 (runs NAME-seedN), then compare: mean ± std."),
     ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the resolved recipe and the first two training prompts as the model "
+                     "sees them, then stop: loads the tokenizer only, writes nothing."),
+    ] = False,
 ) -> None:
     """Train a LoRA adapter with KRPO (or GRPO) as a recipe describes."""
+    from krpo_cli.hub import check_hub_sources
     from krpo_cli.recipe_loading import load_recipe
+
+    try:
+        if dry_run:
+            from krpo_cli.dry_run import dry_run as show_dry_run
+
+            checked = load_recipe(recipe, overrides or [])[0]
+            warn_ineffective(checked)
+            show_dry_run(checked, console)
+            return
+        check_hub_sources(load_recipe(recipe, overrides or [])[0])  # offline and not cached: refused before torch loads
+    except KrpoError as err:
+        report(err)
     from krpo_cli.train import NumericalFailure, TrainingInterrupted
     from krpo_cli.train import train as run_training
 

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import json
 import math
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from pathlib import Path
 from krpo_cli.arithmetic import DIFFICULTIES, arithmetic_split, difficulty_of
 from krpo_cli.config import DataSettings
 from krpo_cli.errors import KrpoError
-from krpo_cli.hub import hub_reachable
+from krpo_cli.hub import dataset_maybe_cached, datasets_offline, hub_reachable, missing_dataset_message
 from krpo_cli.models import short
 from krpo_cli.rewards import extract_boxed, extract_gsm8k_answer, reference_from_solution
 
@@ -187,8 +186,9 @@ def _load_table(settings: DataSettings, split_name: str) -> Sequence[dict] | Non
         return _load_file(Path(settings.path).expanduser())
 
     # If not reachable, the local cache only, failing at once when it is not there.
-    offline = os.environ.get("HF_DATASETS_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
-    reachable = not offline and hub_reachable()
+    reachable = not datasets_offline() and hub_reachable()
+    if not reachable and not dataset_maybe_cached(settings.path):
+        raise DataError(missing_dataset_message(settings.path))  # without the seconds that importing datasets takes
     import datasets
 
     datasets.disable_progress_bars()
@@ -200,10 +200,7 @@ def _load_table(settings: DataSettings, split_name: str) -> Sequence[dict] | Non
         return datasets.load_dataset(settings.path, settings.config, split=split_name)  # rows read one at a time
     except Exception as err:
         if not reachable:
-            raise DataError(
-                f"cannot reach the hub to fetch '{settings.path}' and it is not in the local cache; "
-                "save it as a JSONL/Parquet/CSV file and set data.source=file data.path=FILE"
-            ) from None
+            raise DataError(missing_dataset_message(settings.path)) from None
         raise DataError(f"cannot load '{settings.path}' from the hub: {short(err)}") from None
 
 

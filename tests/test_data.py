@@ -368,3 +368,17 @@ def test_overlong_prompts_are_skipped_and_counted(tiny_model_dir, capsys, monkey
     assert drop_overlong(rows, tokenizer, settings, None, "the rows") == rows  # a model of unknown context
     with pytest.raises(DataError, match="no question of the rows fits the model's context"):
         drop_overlong(rows[1:2], tokenizer, settings, 100, "the rows")
+
+
+def test_a_hub_dataset_in_either_cache_is_left_to_the_library(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from krpo_cli.hub import dataset_maybe_cached
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    assert not dataset_maybe_cached("org/rows")
+    (tmp_path / "datasets" / "org___rows").mkdir(parents=True)  # prepared by `datasets` on an earlier run
+    assert dataset_maybe_cached("org/rows")
+    (tmp_path / "hub" / "datasets--org--more").mkdir(parents=True)  # downloaded into the hub cache
+    assert dataset_maybe_cached("org/more") and not dataset_maybe_cached("org/other")

@@ -48,6 +48,8 @@ def test_quickstart_recipe_trains_a_step_on_the_embedded_model(tmp_path):
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2-135m-instruct"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, run_dir / "adapter")
     assert model.peft_config["default"].r == 16
+    # the adapter names its base portably (this machine's cache folder would mean nothing elsewhere)
+    assert model.peft_config["default"].base_model_name_or_path == "smollm2-135m-instruct"
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     # With the recipe's seed at least one group has mixed rewards, so the update is not zero.
     assert metrics["frac_zero_std"] < 1.0

