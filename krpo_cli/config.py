@@ -261,6 +261,12 @@ class RewardSettings(_Strict):
         "weighted sum (TRL's reward_funcs and reward_weights); the first is the correctness grader (eval accuracy, "
         "correct_frac); each is logged as rewards/<grader>/mean and /std. Replaces reward.grader when set.",
     )
+    overlong_buffer: int = Field(
+        0, ge=0, le=MAX_NEW_TOKENS,
+        description="Length penalty added to the reward (0: off): DAPO's soft overlong punishment, TRL's "
+        "get_soft_overlong_punishment with generation.max_new_tokens as the longest completion and this many tokens "
+        "of buffer (0 until max - buffer tokens, then down to -1 at max); logged as rewards/soft_overlong/mean and /std.",
+    )
 
     @field_validator("grader")
     @classmethod

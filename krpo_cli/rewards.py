@@ -115,6 +115,17 @@ def grade_think_format(completion: str, reference: str) -> Grade:
     return Grade(1.0 if formatted else 0.0, False, formatted, None)
 
 
+def soft_overlong_penalty(length: int, max_length: int, buffer: int) -> float:
+    """DAPO's soft overlong punishment (TRL's get_soft_overlong_punishment), from a completion's length in
+    tokens: 0 up to max_length - buffer, then falling linearly to -1 at max_length, -1 beyond."""
+    start = max_length - buffer
+    if length <= start:
+        return 0.0
+    if length <= max_length:
+        return (start - length) / buffer
+    return -1.0
+
+
 class GraderError(KrpoError, ValueError):
     """A grader cannot be found, loaded or run (bad spec, missing package, bad return)."""
 

@@ -48,7 +48,7 @@ from krpo_cli.evaluate import evaluate_model
 from krpo_cli.log_probs import batched_log_probs, completion_log_probs
 from krpo_cli.losses import policy_loss
 from krpo_cli.models import LoadedModel, load_policy, save_adapter
-from krpo_cli.rewards import get_grader, load_reward
+from krpo_cli.rewards import get_grader, load_reward, soft_overlong_penalty
 from krpo_cli.rollout import Rollout, generate_rollout, pick_engine
 from krpo_cli.run_dir import (
     ADAPTER,
@@ -442,6 +442,10 @@ def collect_rollout(run: Run) -> Batch:
     lengths = rollout.completion_mask.sum(dim=1).float()
     part_names = getattr(run.grader, "names", [])  # reward.graders: each grader's own rewards, logged apart
     parts = [torch.tensor([g.parts[k] for g in grades], dtype=torch.float32) for k in range(len(part_names))]
+    if cfg.reward.overlong_buffer:  # the length penalty, from token counts: added with weight 1, logged apart
+        penalty = [soft_overlong_penalty(int(n), gen.max_new_tokens, cfg.reward.overlong_buffer) for n in lengths]
+        penalty = torch.tensor(penalty, dtype=torch.float32)
+        rewards, part_names, parts = rewards + penalty, [*part_names, "soft_overlong"], [*parts, penalty]
     # Every rank gets every rank's figures: advantages and metrics are those of the global batch.
     rewards, correct, formatted, lengths, *parts = dist.gather_rows(rewards, correct, formatted, lengths, *parts)
     groups = rewards.view(cfg.train.prompts_per_step, alg.group_size)
@@ -550,8 +554,8 @@ def skip_update(run: Run, stats: UpdateStats, step: int) -> None:
 
 
 def grader_metrics(reward_parts: dict[str, torch.Tensor]) -> dict:
-    """`rewards/<grader>/mean` and `/std` (sample std, as reward_std) of each grader's own, unweighted
-    rewards under reward.graders, named as TRL names them; nothing for a single reward.grader."""
+    """`rewards/<grader>/mean` and `/std` (sample std over the step's completions, as TRL) of each grader's own, unweighted
+    rewards under reward.graders, named as TRL names them, and of the length penalty (reward.overlong_buffer)."""
     metrics = {}
     for name, values in reward_parts.items():
         metrics[f"rewards/{name}/mean"] = float(values.mean())

@@ -17,6 +17,7 @@ from krpo_cli.rewards import (
     grade_last_number,
     grade_think_format,
     load_reward,
+    soft_overlong_penalty,
     user_grader_specs,
 )
 from conftest import read_jsonl, tiny_recipe
@@ -129,3 +130,20 @@ def test_eval_accuracy_is_the_first_graders(monkeypatch):
     first_correctness = report({"last_number": 1.0, "think_format": 0.5})
     assert first_correctness["accuracy"] == 0.5 and first_correctness["mean_reward"] == pytest.approx((1.5 + 0.5) / 2)
     assert report({"think_format": 0.5, "last_number": 1.0})["accuracy"] == 0.0  # a format grader is never correct
+
+
+def test_soft_overlong_penalty_hand_computed():
+    # 10 tokens at most, a buffer of 4: nothing up to 6 tokens, then -1/4 a token, -1 from 10.
+    assert [soft_overlong_penalty(n, 10, 4) for n in (0, 6, 7, 8, 10, 11)] == [0.0, 0.0, -0.25, -0.5, -1.0, -1.0]
+
+
+def test_the_length_penalty_is_added_to_the_reward_and_logged(tmp_path, tiny_model_dir):
+    recipe = Recipe.model_validate(tiny_recipe(
+        tiny_model_dir, tmp_path, train={"steps": 1}, reward={"graders": {"last_number": 1.0}, "overlong_buffer": 3},
+    ))
+    (m,) = read_jsonl(train_module.train(recipe) / "metrics.jsonl")
+    penalty = m["rewards/soft_overlong/mean"]
+    assert m["reward_mean"] == pytest.approx(m["rewards/last_number/mean"] + penalty, abs=1e-6)
+    # max_new_tokens 6, buffer 3: a completion of L tokens loses max(0, L - 3) / 3, so on average at least
+    # (mean length - 3) / 3, and at most 1.
+    assert -1.0 <= penalty <= -(m["completion_len_mean"] - 3) / 3 + 1e-6
