@@ -212,6 +212,25 @@ def aggregate(summaries: list[dict]) -> dict:
     return result
 
 
+def seed_band(runs: list[Run], key: str, smoothing: Smoothing) -> tuple[list[int], list[float], list[float]]:
+    """(steps, mean, std) of `key` across runs (seeds), at the steps every run logged it.
+
+    Each run's values are smoothed first (`eval/accuracy` never is, as in the figure); std is the
+    sample std (n − 1), 0.0 for a single run.
+    """
+    by_run = []
+    for run in runs:
+        steps, values = series(run.records, key)
+        by_run.append(dict(zip(steps, values if key == EVAL_ACCURACY else smooth(values, smoothing))))
+    common = sorted(set.intersection(*(set(values) for values in by_run))) if by_run else []
+    means, stds = [], []
+    for step in common:
+        values = [values_at[step] for values_at in by_run]
+        means.append(statistics.fmean(values))
+        stds.append(statistics.stdev(values) if len(values) > 1 else 0.0)
+    return common, means, stds
+
+
 def unique_labels(runs: list[Run]) -> list[str]:
     """Run labels, or the directory paths where two runs would share a label."""
     labels = [run.label for run in runs]
@@ -331,5 +350,5 @@ def compare(
         result["aggregate"] = aggregated
     json_path = write_json(result, out.with_suffix(".json"))
     draw_comparison(runs, labels, accuracy, smoothing, out)
-    console.print(f"wrote {out} and {json_path}", highlight=False, markup=False)
+    console.print(f"wrote {out} and {json_path}", highlight=False, markup=False, soft_wrap=True)
     return result

@@ -1,0 +1,330 @@
+"""The estimator study: does KRPO's Kalman baseline beat GRPO's group mean, over many seeds?
+
+Trains the quickstart recipe (embedded SmolLM2-135M-Instruct, LoRA) once per (task, arm, seed)
+of `GRID`, evaluates every run greedily on held-out questions (the training loop's own
+evaluation, `eval.every`/`eval.size`, which logs `eval/accuracy` to metrics.jsonl), evaluates the
+base model once per task on the same questions, and writes a report (studies/study_report.py):
+`results.json`, `results.md` and one `curves-<task>.png` per task.
+
+Run it from the repository root after `make install`:
+
+    .venv/bin/python -m studies.estimators                      # the whole study (size "full")
+    .venv/bin/python -m studies.estimators --plan               # the runs, their state, the estimated time
+    .venv/bin/python -m studies.estimators --resume             # continue after an interruption
+    .venv/bin/python -m studies.estimators --seeds 9,10,11,12   # other seeds (into the same folder)
+    .venv/bin/python -m studies.estimators --size smoke --tasks one_digit --arms krpo,grpo --seeds 1
+
+Runs go to `<out>/<task>/<arm>-seed<N>` (default `<out>`: runs/study-<size>). Same seed = same
+LoRA initialisation and the same data order, so each seed's KRPO and GRPO runs are paired.
+A run whose last step and final evaluation are logged, with its adapter saved, is skipped on a
+rerun; one that was interrupted continues from its latest checkpoint with `--resume` (or starts
+over when it never reached one); without `--resume` the study refuses to start while any is left.
+
+Budget (the sizes in `SIZES` are to be set after timing on a quiet machine): a run costs about
+    LOAD_SECONDS + steps × prompts_per_step × group_size × SECONDS_PER_COMPLETION
+    + evaluations × eval_questions × SECONDS_PER_EVAL_QUESTION
+where the quickstart gives SECONDS_PER_COMPLETION ≈ 11 s / 32 completions on 2 CPU cores; the
+other two constants are estimates, not measurements. Size "full": 12 steps × 4 prompts × 6
+completions = 288 completions ≈ 99 s, 2 evaluations × 200 questions ≈ 20 s, load ≈ 10 s:
+≈ 129 s a run; `GRID` holds 56 runs: ≈ 2.0 hours on 2 cores. To fit another budget, change
+the seed counts in `GRID` or the size; `--plan` prints the arithmetic for the current choice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+
+from krpo_cli.errors import KrpoError
+
+BASE_RECIPE = "quickstart"
+DEFAULT_SEEDS = "1,2,3,4,5,6,7,8"
+
+
+class StudyError(KrpoError):
+    """The study cannot run as asked (unknown task or arm, interrupted runs without --resume)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    description: str
+    overrides: tuple[str, ...] = ()
+    operands: tuple[range, range] | None = None  # generated a ± b problems, written to <out>/data/<task>.jsonl
+    held_out: int = 500  # of the generated problems
+
+
+@dataclass(frozen=True)
+class Size:
+    steps: int
+    prompts_per_step: int
+    group_size: int
+    eval_questions: int
+    eval_every: int
+    save_every: int
+
+    def overrides(self) -> list[str]:
+        return [
+            f"train.steps={self.steps}",
+            f"train.prompts_per_step={self.prompts_per_step}",
+            f"algorithm.group_size={self.group_size}",
+            f"train.minibatch_size={self.prompts_per_step * self.group_size}",  # one update per rollout
+            f"eval.size={self.eval_questions}",
+            f"eval.every={self.eval_every}",
+            f"output.save_every={self.save_every}",
+            "output.keep_checkpoints=1",
+        ]
+
+
+TASKS = {
+    "one_digit": Task("the quickstart's task: one-digit a + b and a − b (200 problems; all 50 held-out ones are evaluated)"),
+    "two_digit": Task(
+        "two-digit a + b and a − b, a and b in 10..99 (16,200 problems, 500 held out)",
+        operands=(range(10, 100), range(10, 100)),
+    ),
+    "two_by_one": Task(
+        "a + b and a − b, a in 10..99 and b in 0..9 (1,800 problems, 500 held out): in case two_digit is too hard",
+        operands=(range(10, 100), range(10)),
+    ),
+    "one_digit_16": Task(
+        "the quickstart's task on 16 training questions, so that prompts recur (for kalman.scope: prompt)",
+        ("data.max_samples=16",),
+    ),
+}
+
+ARMS = {
+    "krpo": ("algorithm.advantage=krpo",),
+    "grpo": ("algorithm.advantage=grpo",),
+    "dr_grpo": ("algorithm.advantage=dr_grpo",),
+    "rloo": ("algorithm.advantage=rloo",),
+    "krpo_adaptive": ("algorithm.advantage=krpo", "algorithm.kalman.adaptive=true"),
+    "krpo_sorted": ("algorithm.advantage=krpo", "algorithm.kalman.order=sorted"),
+    "krpo_shuffled": ("algorithm.advantage=krpo", "algorithm.kalman.order=shuffled"),
+    "krpo_prompt_scope": ("algorithm.advantage=krpo", "algorithm.kalman.scope=prompt"),
+}
+
+# The study in one place: task → arm → how many of the seeds it runs (the first N of --seeds).
+GRID = {
+    "one_digit": {"krpo": 8, "grpo": 8, "dr_grpo": 3, "rloo": 3, "krpo_adaptive": 3, "krpo_sorted": 3},
+    "two_digit": {"krpo": 8, "grpo": 8, "dr_grpo": 3, "rloo": 3},
+    "one_digit_16": {"krpo": 3, "krpo_prompt_scope": 3},
+}
+
+# Paired differences reported per task where both arms ran: (arm, reference arm).
+COMPARISONS = (
+    ("krpo", "grpo"),
+    ("krpo", "dr_grpo"),
+    ("krpo", "rloo"),
+    ("krpo_adaptive", "krpo"),
+    ("krpo_sorted", "krpo"),
+    ("krpo_shuffled", "krpo"),
+    ("krpo_prompt_scope", "krpo"),
+)
+
+SIZES = {
+    "smoke": Size(steps=2, prompts_per_step=2, group_size=4, eval_questions=20, eval_every=2, save_every=1),
+    "full": Size(steps=12, prompts_per_step=4, group_size=6, eval_questions=200, eval_every=6, save_every=3),
+}
+
+SECONDS_PER_COMPLETION = 11 / 32  # the quickstart: a step of 4 prompts × 8 completions, 2 CPU cores
+SECONDS_PER_EVAL_QUESTION = 0.05  # estimate: greedy, 16 new tokens, batches of 32
+LOAD_SECONDS = 10.0  # estimate: loading the prepared model and setting up a run
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    task: str
+    arm: str
+    seed: int
+    run_dir: Path
+    overrides: tuple[str, ...]
+    steps: int  # the recipe's train.steps, after every override
+
+
+def operand_problems(first: range, second: range, seed: int = 0) -> list[dict]:
+    """Every `a + b` and `a - b` with a in `first` and b in `second`, shuffled with `seed`."""
+    rows = []
+    for a in first:
+        for b in second:
+            rows.append({"question": f"{a} + {b}", "answer": str(a + b), "op": "+"})
+            rows.append({"question": f"{a} - {b}", "answer": str(a - b), "op": "-"})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def task_overrides(name: str, out: Path) -> list[str]:
+    """The task's recipe overrides; a generated task's problems are written to <out>/data/<name>.jsonl once."""
+    task = TASKS[name]
+    if task.operands is None:
+        return list(task.overrides)
+    path = (out / "data" / f"{name}.jsonl").resolve()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lines = (json.dumps(row) for row in operand_problems(*task.operands))
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [*task.overrides, "data.source=file", f"data.path={json.dumps(str(path))}", f"data.test_size={task.held_out}"]
+
+
+def chosen(text: str | None, known: dict, what: str) -> list[str]:
+    """A comma list of names from `known` (all of them for None); an unknown one is a StudyError."""
+    if text is None:
+        return list(known)
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise StudyError(f"--{what}: unknown '{','.join(unknown)}'; choose from {', '.join(known)}")
+    return names
+
+
+def plan_runs(out: Path, size: Size, seeds: list[int], tasks: list[str], arms: list[str], extra: list[str]) -> list[PlannedRun]:
+    """Every run of GRID restricted to `tasks` and `arms`: each arm takes the first N of `seeds`.
+
+    Each run's recipe is loaded here, so that a mistaken --set stops the study before it trains."""
+    from krpo_cli.multi_seed import seed_overrides
+    from krpo_cli.recipe_loading import load_recipe
+
+    planned = []
+    for task in tasks:
+        task_dir = out / task
+        common = [*task_overrides(task, out), *size.overrides(), f"run.output_dir={json.dumps(str(task_dir))}"]
+        for arm, count in GRID.get(task, {}).items():
+            if arm not in arms:
+                continue
+            for seed in seeds[:count]:
+                overrides = seed_overrides([*common, *ARMS[arm], *extra], arm, seed)
+                steps = load_recipe(BASE_RECIPE, overrides)[0].train.steps
+                planned.append(PlannedRun(task, arm, seed, task_dir / f"{arm}-seed{seed}", tuple(overrides), steps))
+    return planned
+
+
+def run_state(run_dir: Path, steps: int) -> str:
+    """'done' (the last step logged with its held-out evaluation, the adapter saved), 'started' or 'new'."""
+    from krpo_cli.compare import EVAL_ACCURACY
+    from krpo_cli.run_dir import ADAPTER, METRICS
+
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return "new"
+    last = None
+    try:
+        lines = (run_dir / METRICS).read_text(encoding="utf-8").splitlines()
+        last = json.loads(lines[-1]) if lines else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        pass
+    finished = isinstance(last, dict) and last.get("step") == steps and EVAL_ACCURACY in last
+    return "done" if finished and (run_dir / ADAPTER / "adapter_config.json").is_file() else "started"
+
+
+def estimated_seconds(size: Size, runs: int) -> float:
+    """The budget arithmetic of the module docstring for `runs` runs of `size`."""
+    evaluations = -(-size.steps // size.eval_every)  # every eval_every steps, the last step included
+    per_run = (
+        LOAD_SECONDS
+        + size.steps * size.prompts_per_step * size.group_size * SECONDS_PER_COMPLETION
+        + evaluations * size.eval_questions * SECONDS_PER_EVAL_QUESTION
+    )
+    return runs * per_run
+
+
+def train_run(planned: PlannedRun, state: str, console: Console) -> None:
+    """Train one planned run: afresh, from its latest checkpoint, or over again when it has none."""
+    from krpo_cli.recipe_loading import load_recipe
+    from krpo_cli.run_dir import list_checkpoints
+    from krpo_cli.train import train
+
+    recipe, text = load_recipe(BASE_RECIPE, list(planned.overrides))
+    if state == "started" and list_checkpoints(planned.run_dir):
+        train(recipe, text, console=console, resume=True)
+    else:
+        train(recipe, text, overwrite=state == "started", console=console)  # killed before its first checkpoint
+
+
+def evaluate_base(task: str, out: Path, size: Size, extra: list[str], console: Console) -> Path:
+    """The base model (no adapter) on the task's held-out questions: <out>/<task>/base-eval/results.json."""
+    from krpo_cli.evaluate import EvalTarget, run_eval
+    from krpo_cli.recipe_loading import load_recipe
+
+    folder = out / task / "base-eval"
+    if not (folder / "results.json").is_file():
+        recipe, _ = load_recipe(BASE_RECIPE, [*task_overrides(task, out), *size.overrides(), *extra])
+        target = EvalTarget(recipe.model.name_or_path, None, recipe, folder, f"{BASE_RECIPE} for the task {task}")
+        run_eval(target, limit=size.eval_questions, batch_size=recipe.eval.batch_size, console=console, overwrite=True)
+    return folder / "results.json"
+
+
+def check_started(states: dict[PlannedRun, str], resume: bool) -> None:
+    """Without --resume, refuse before training anything if an interrupted run is left."""
+    started = [planned for planned, state in states.items() if state == "started"]
+    if started and not resume:
+        raise StudyError(
+            f"{len(started)} run(s) were interrupted, e.g. '{started[0].run_dir}'; rerun with --resume to continue them"
+        )
+
+
+def run_study(args: argparse.Namespace, console: Console) -> dict:
+    """Plan, train what is not done, evaluate the base model per task, write the report."""
+    from krpo_cli.multi_seed import parse_seeds
+    from studies.study_report import write_report
+
+    size = SIZES[args.size]
+    out = Path(args.out or f"runs/study-{args.size}")
+    tasks, arms = chosen(args.tasks, GRID, "tasks"), chosen(args.arms, ARMS, "arms")
+    planned = plan_runs(out, size, parse_seeds(args.seeds), tasks, arms, list(args.set))
+    states = {run: run_state(run.run_dir, run.steps) for run in planned}
+    todo = [run for run, state in states.items() if state != "done"]
+    hours = estimated_seconds(size, len(todo)) / 3600
+    console.print(f"[bold]estimator study[/] size {args.size}: {len(planned)} runs, {len(planned) - len(todo)} done, "
+                  f"{len(todo)} to train (≈ {hours:.1f} h on 2 CPU cores) → {escape(str(out))}", highlight=False)
+    if args.plan:
+        for run in planned:
+            console.print(f"  {states[run]:>7}  {escape(str(run.run_dir))}", highlight=False)
+        return {}
+    if not args.report_only:
+        check_started(states, args.resume)
+        for index, run in enumerate(todo, start=1):
+            console.print(f"[bold]{run.task} · {run.arm} · seed {run.seed}[/] ({index}/{len(todo)})", highlight=False)
+            train_run(run, states[run], console)
+        for task in tasks:
+            evaluate_base(task, out, size, list(args.set), console)
+    return write_report(out, planned, console, args.size)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m studies.estimators", description=__doc__.split("\n")[0])
+    parser.add_argument("--size", choices=list(SIZES), default="full", help="run size (SIZES); default full")
+    parser.add_argument("--seeds", default=DEFAULT_SEEDS, help=f"comma list; each arm takes the first N (GRID); default {DEFAULT_SEEDS}")
+    parser.add_argument("--tasks", help=f"comma list of {', '.join(GRID)} (default: all)")
+    parser.add_argument("--arms", help=f"comma list of {', '.join(ARMS)} (default: all of GRID)")
+    parser.add_argument("--out", help="output folder (default: runs/study-<size>)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a recipe override for every run")
+    parser.add_argument("--resume", action="store_true", help="continue interrupted runs from their latest checkpoint")
+    parser.add_argument("--plan", action="store_true", help="list the runs and their state, train nothing")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the runs there are")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from krpo_cli.train import TrainingInterrupted
+
+    args = parse_args(argv)
+    console = Console()
+    try:
+        run_study(args, console)
+    except KrpoError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False)
+        return 2
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        given = list(argv if argv is not None else sys.argv[1:])
+        again = " ".join(["python -m studies.estimators", *given, *([] if "--resume" in given else ["--resume"])])
+        console.print(f"{stop or 'interrupted'}. Continue with: {again}", highlight=False, markup=False, soft_wrap=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The estimator study (studies/): its statistics on hand-computed numbers, its grid, the skip and
+resume logic with a fake trainer, the report, and one end-to-end run with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from krpo_cli.compare import Run, Smoothing, seed_band
+from studies import estimators
+from studies.estimators import GRID, SIZES, StudyError, operand_problems, plan_runs, run_state
+from studies.stats import mean_std, paired_difference, t_cdf, t_quantile
+
+QUIET = Console(quiet=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+
+def test_t_quantile_matches_the_closed_forms_and_the_tables():
+    # df = 1 is the Cauchy distribution: t = tan(π (p − 1/2)).
+    assert t_quantile(0.975, 1) == pytest.approx(math.tan(math.pi * 0.475), abs=1e-9)  # 12.7062
+    # df = 2: t = (2p − 1) / sqrt(2 p (1 − p)).
+    assert t_quantile(0.975, 2) == pytest.approx(0.95 / math.sqrt(2 * 0.975 * 0.025), abs=1e-9)  # 4.3027
+    # Printed t tables, 97.5 % quantile.
+    for df, expected in [(3, 3.182), (4, 2.776), (7, 2.365), (10, 2.228), (30, 2.042)]:
+        assert t_quantile(0.975, df) == pytest.approx(expected, abs=5e-4)
+    assert t_quantile(0.025, 7) == pytest.approx(-t_quantile(0.975, 7))
+    assert t_cdf(0.0, 5) == 0.5 and t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/π
+    with pytest.raises(ValueError):
+        t_quantile(1.0, 3)
+    with pytest.raises(ValueError):
+        t_cdf(1.0, 0)
+
+
+def test_mean_std_by_hand():
+    assert mean_std([0.5, 0.7, 0.6]) == pytest.approx({"n": 3, "mean": 0.6, "std": 0.1})
+    assert mean_std([0.4]) == {"n": 1, "mean": 0.4, "std": None}
+    assert mean_std([]) == {"n": 0, "mean": None, "std": None}
+
+
+def test_paired_difference_uses_the_seeds_both_arms_have():
+    krpo = {1: 0.5, 2: 0.7, 3: 0.6, 4: 0.9}
+    grpo = {1: 0.4, 2: 0.5, 3: 0.6, 5: 0.1}
+    result = paired_difference(krpo, grpo)
+    assert result["seeds"] == [1, 2, 3]
+    assert result["differences"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.0})
+    assert result["mean"] == pytest.approx(0.1) and result["std"] == pytest.approx(0.1)
+    half = 4.302653 * 0.1 / math.sqrt(3)  # t(0.975, 2) · std / √n = 0.248414
+    assert result["interval"] == pytest.approx([0.1 - half, 0.1 + half], abs=1e-6)
+    assert paired_difference({1: 0.5}, {1: 0.2})["interval"] is None  # one pair: no interval
+
+
+def test_seed_band_averages_smoothed_values_at_the_common_steps():
+    runs = [
+        Run(Path("a"), "a", "krpo", 1, [{"step": 1, "reward_mean": 0.0}, {"step": 2, "reward_mean": 1.0, "eval/accuracy": 0.2}]),
+        Run(Path("b"), "b", "krpo", 2, [{"step": 1, "reward_mean": 0.4}, {"step": 2, "reward_mean": 0.4, "eval/accuracy": 0.6},
+                                        {"step": 3, "reward_mean": 0.9}]),
+    ]
+    steps, means, stds = seed_band(runs, "reward_mean", Smoothing("ema", 0.5))
+    # EMA 0.5: run a → 0.0, 0.5; run b → 0.4, 0.4 (0.9 at step 3 is run b's alone: left out).
+    assert steps == [1, 2] and means == pytest.approx([0.2, 0.45])
+    assert stds == pytest.approx([math.sqrt(0.08), math.sqrt(0.005)])
+    steps, means, stds = seed_band(runs, "eval/accuracy", Smoothing("ema", 0.5))  # never smoothed
+    assert steps == [2] and means == pytest.approx([0.4]) and stds == pytest.approx([math.sqrt(0.08)])
+    assert seed_band(runs[:1], "reward_mean", Smoothing("none"))[2] == [0.0, 0.0]  # one seed: no spread
+
+
+# ---------------------------------------------------------------------------------------
+# Tasks and the grid
+
+def test_operand_problems_are_every_sum_and_difference():
+    rows = operand_problems(range(10, 100), range(10, 100))
+    assert len(rows) == 2 * 90 * 90
+    assert {row["question"] for row in rows} >= {"10 + 10", "99 - 10", "10 - 99"}
+    for row in rows[:50]:
+        a, op, b = row["question"].split()
+        assert int(row["answer"]) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+    assert rows == operand_problems(range(10, 100), range(10, 100))  # seeded: the same every time
+
+
+def test_plan_takes_the_first_seeds_per_arm_and_a_generated_task_reads_its_file(tmp_path):
+    planned = plan_runs(tmp_path, SIZES["smoke"], [5, 6, 7, 8, 9, 10, 11, 12, 13], ["one_digit", "two_digit"],
+                        ["krpo", "grpo", "rloo"], ["lora.r=4"])
+    pairs = {(run.task, run.arm) for run in planned}
+    assert [run.seed for run in planned if (run.task, run.arm) == ("one_digit", "krpo")] == [5, 6, 7, 8, 9, 10, 11, 12]
+    assert [run.seed for run in planned if (run.task, run.arm) == ("two_digit", "rloo")] == [5, 6, 7]
+    assert ("one_digit", "dr_grpo") not in pairs  # not among the arms asked for
+    run = next(run for run in planned if run.task == "two_digit" and run.arm == "rloo" and run.seed == 6)
+    assert run.run_dir == tmp_path / "two_digit" / "rloo-seed6"
+    assert "algorithm.advantage=rloo" in run.overrides and "lora.r=4" in run.overrides
+    assert run.overrides[-2:] == ('run.name="rloo-seed6"', "run.seed=6")
+    assert "data.source=file" in run.overrides and (tmp_path / "data" / "two_digit.jsonl").is_file()
+
+    from krpo_cli.recipe_loading import load_recipe
+
+    recipe, _ = load_recipe(estimators.BASE_RECIPE, list(run.overrides))
+    assert (recipe.run.seed, recipe.train.steps, recipe.eval.size) == (6, SIZES["smoke"].steps, SIZES["smoke"].eval_questions)
+    assert Path(recipe.run.output_dir) / recipe.run.name == run.run_dir
+
+
+def test_unknown_task_or_arm_is_one_line_and_exit_2(tmp_path, capsys):
+    assert estimators.main(["--tasks", "one_digit,nope", "--out", str(tmp_path), "--plan"]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().out
+    assert estimators.main(["--arms", "ppo", "--out", str(tmp_path), "--plan"]) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# Skipping, resuming and the report, with a fake trainer
+
+ACCURACY = {("krpo", 1): 0.5, ("krpo", 2): 0.7, ("krpo", 3): 0.6, ("grpo", 1): 0.4, ("grpo", 2): 0.5, ("grpo", 3): 0.6}
+
+
+def finish_fake_run(run_dir: Path, arm: str, seed: int, steps: int, last: int | None = None) -> None:
+    """What a run leaves: recipe.yaml, metrics.jsonl (held-out accuracy at the last step), adapter/."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(f"run: {{name: {arm}-seed{seed}, seed: {seed}}}\nalgorithm: {{advantage: krpo}}\n")
+    records = [{"step": step, "reward_mean": 0.1 * step} for step in range(1, (last or steps) + 1)]
+    if last is None:
+        records[-1]["eval/accuracy"] = ACCURACY[(arm, seed)]
+        (run_dir / "adapter").mkdir(exist_ok=True)
+        (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+@pytest.fixture
+def fake_study(monkeypatch, tmp_path):
+    """The study with train_run and evaluate_base replaced; returns (run it, the calls made)."""
+    calls = []
+    steps = SIZES["smoke"].steps
+
+    def fake_train(planned, state, console):
+        calls.append((planned.arm, planned.seed, state))
+        finish_fake_run(planned.run_dir, planned.arm, planned.seed, steps)
+
+    monkeypatch.setattr(estimators, "train_run", fake_train)
+    monkeypatch.setattr(estimators, "evaluate_base", lambda *args: None)
+    base = ["--size", "smoke", "--tasks", "one_digit", "--arms", "krpo,grpo", "--seeds", "1,2,3", "--out", str(tmp_path)]
+    return (lambda *more: estimators.main([*base, *more])), calls
+
+
+def test_a_finished_run_is_skipped_on_a_rerun(fake_study, tmp_path):
+    study, calls = fake_study
+    assert study() == 0
+    assert sorted(calls) == sorted((arm, seed, "new") for arm, seed in ACCURACY)
+    calls.clear()
+    assert study() == 0
+    assert calls == []  # every run done: nothing trained again
+    assert run_state(tmp_path / "one_digit" / "krpo-seed1", SIZES["smoke"].steps) == "done"
+
+
+def test_an_interrupted_run_needs_resume_and_only_it_is_trained(fake_study, tmp_path):
+    study, calls = fake_study
+    steps = SIZES["smoke"].steps
+    for arm, seed in ACCURACY:
+        finish_fake_run(tmp_path / "one_digit" / f"{arm}-seed{seed}", arm, seed, steps)
+    interrupted = tmp_path / "one_digit" / "grpo-seed2"
+    finish_fake_run(interrupted, "grpo", 2, steps, last=steps - 1)  # killed before its last step
+    assert run_state(interrupted, steps) == "started"
+    assert study() == 2 and calls == []  # refused before training anything
+    assert study("--resume") == 0
+    assert calls == [("grpo", 2, "started")]
+
+
+def test_train_run_resumes_from_a_checkpoint_or_starts_over_without_one(monkeypatch, tmp_path):
+    import krpo_cli.train
+
+    seen = []
+    monkeypatch.setattr(krpo_cli.train, "train", lambda recipe, text, **kw: seen.append(kw))
+    planned = plan_runs(tmp_path, SIZES["smoke"], [1], ["one_digit"], ["krpo"], [])[0]
+    planned.run_dir.mkdir(parents=True)
+    estimators.train_run(planned, "started", QUIET)  # no checkpoint: start over in its own folder
+    (planned.run_dir / "checkpoints" / "step_000001").mkdir(parents=True)
+    estimators.train_run(planned, "started", QUIET)
+    estimators.train_run(planned, "new", QUIET)
+    assert [(kw.get("resume", False), kw.get("overwrite", False)) for kw in seen] == [(False, True), (True, False), (False, False)]
+
+
+def test_report_has_each_seed_mean_std_and_the_paired_interval(fake_study, tmp_path):
+    study, _ = fake_study
+    assert study() == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    task = report["tasks"]["one_digit"]
+    assert task["arms"]["krpo"]["accuracy_by_seed"] == {"1": 0.5, "2": 0.7, "3": 0.6}
+    assert task["arms"]["krpo"]["accuracy"] == pytest.approx({"n": 3, "mean": 0.6, "std": 0.1})
+    (krpo_grpo,) = task["comparisons"]
+    assert (krpo_grpo["arm"], krpo_grpo["reference"], krpo_grpo["n"]) == ("krpo", "grpo", 3)
+    half = 4.302653 * 0.1 / math.sqrt(3)
+    assert krpo_grpo["interval"] == pytest.approx([0.1 - half, 0.1 + half], abs=1e-6)
+    table = (tmp_path / "results.md").read_text()
+    assert "| krpo | 3 | 1: 0.500, 2: 0.700, 3: 0.600 | 0.600 ± 0.100 |" in table
+    assert "| krpo − grpo | 3 | 0.100 | [-0.148, 0.348] |" in table
+    assert (tmp_path / "curves-one_digit.png").stat().st_size > 0
+    assert report["missing"] == []
+
+
+def test_grid_names_known_tasks_and_arms():
+    assert set(GRID) <= set(estimators.TASKS)
+    assert all(set(arms) <= set(estimators.ARMS) for arms in GRID.values())
+    assert GRID["one_digit"]["krpo"] >= 8 and GRID["one_digit"]["grpo"] >= 8
+    assert GRID["two_digit"]["krpo"] >= 8 and GRID["two_digit"]["grpo"] >= 8
+
+
+def test_smoke_study_end_to_end_with_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
+    args = ["--size", "smoke", "--tasks", "one_digit", "--arms", "krpo,grpo", "--seeds", "1", "--out", str(tmp_path),
+            "--set", f"model.name_or_path={tiny_model_dir}", "--set", "lora.r=4", "--set", "lora.alpha=8",
+            "--set", "train.steps=1", "--set", "generation.max_new_tokens=4"]
+    assert estimators.main(args) == 0
+    report = json.loads((tmp_path / "results.json").read_text())
+    arms = report["tasks"]["one_digit"]["arms"]
+    assert set(arms) == {"krpo", "grpo"} and all(arm["accuracy"]["n"] == 1 for arm in arms.values())
+    assert report["tasks"]["one_digit"]["base"]["questions"] == SIZES["smoke"].eval_questions
+    assert (tmp_path / "curves-one_digit.png").is_file()
+
+    import krpo_cli.train
+
+    monkeypatch.setattr(krpo_cli.train, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    assert estimators.main(args) == 0
