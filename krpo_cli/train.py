@@ -20,6 +20,7 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 
 from __future__ import annotations
 
+import errno
 import os
 import math
 import random
@@ -643,11 +644,15 @@ def save_step(run: Run, step: int) -> Path:
     if run.baselines is not None:
         trainer_state["prompt_baselines"] = run.baselines.state()
     trainer_state.update(dist.gather_rng_states())  # every rank's own sampling RNG (distributed only)
-    saved = None
+    saved = failure = None
     if dist.is_main:
-        saved = save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler, trainer_state,
-                                run.recipe.output.keep_checkpoints)
-    dist.barrier()
+        try:
+            saved = save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler, trainer_state,
+                                    run.recipe.output.keep_checkpoints)
+        except OSError as err:
+            failure = err
+    if dist.any(failure is not None):  # every rank stops when rank 0 could not write (instead of waiting for it)
+        raise failure or OSError(errno.EIO, "rank 0 could not write it")
     return saved if dist.is_main else list_checkpoints(run.run_dir)[-1]
 
 

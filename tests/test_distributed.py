@@ -166,6 +166,31 @@ def test_collectives_on_two_gloo_processes():
     mp.spawn(collectives_worker, args=(2, free_port()), nprocs=2, join=True)
 
 
+def checkpoint_clock_worker(rank: int, world_size: int, port: int) -> None:
+    """Each rank's own clock says something else; rank 0's decides for both."""
+    import time
+    from types import SimpleNamespace
+
+    from krpo_cli.config import Recipe
+    from krpo_cli.train import checkpoint_due
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    os.environ["LOCAL_RANK"] = str(rank)
+    ctx = DistributedContext.from_env()
+    try:
+        recipe = Recipe.model_validate({"train": {"steps": 10}, "output": {"save_every": 4, "save_every_minutes": 10}})
+        run = SimpleNamespace(recipe=recipe, dist=ctx)
+        now = time.monotonic()
+        assert checkpoint_due(run, 3, now - 601 if rank == 0 else now)  # only rank 0 is late: both save
+        assert not checkpoint_due(run, 3, now if rank == 0 else now - 601)  # only rank 1 is late: neither
+    finally:
+        ctx.close()
+
+
+def test_a_checkpoint_by_time_is_rank_0s_decision_on_every_rank():
+    mp.spawn(checkpoint_clock_worker, args=(2, free_port()), nprocs=2, join=True)
+
+
 # --- the real entry points: accelerate launch, then torchrun to resume; two CPU processes --------
 
 GRADER = '''
