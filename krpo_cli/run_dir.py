@@ -11,6 +11,7 @@ runs/<name>/
   samples.jsonl          a few completions per step
   adapter/               the trained LoRA adapter (PEFT's standard files)
   checkpoints/step_NNNNNN/   adapter + resumable state (krpo_cli.checkpoint)
+  checkpoints/abandoned-<time>/   what a resume from an earlier checkpoint set aside: later checkpoints, adapter, log lines
   eval/                  krpo eval's results
   merged/                krpo merge's standalone model, which keeps the recipe as krpo_recipe.yaml
 ```
