@@ -289,7 +289,7 @@ def run_eval(
 
     what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")
     where = f"{dataset_name}: {counted(len(rows), 'question')} · prompt and grader from {target.recipe_source}"
-    console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(where)}", highlight=False)
+    console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(where)}", highlight=False, soft_wrap=True)
     with Progress(
         TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console,
         disable=not console.is_terminal,
@@ -326,7 +326,8 @@ def run_eval(
         writer.write(record)
     writer.close()
     print_report(console, report, samples)
-    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False, markup=False)
+    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False, markup=False,
+                  soft_wrap=True)
     return report
 
 

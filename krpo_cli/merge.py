@@ -174,7 +174,7 @@ def merge(
     path, tokenizer, base = loaded.path, loaded.tokenizer, loaded.model
     out_dtype = base_dtype(path, trust_remote_code) if dtype == "auto" else getattr(torch, dtype)
     console.print(f"[bold]krpo merge[/] {escape(str(adapter_dir))} into {escape(base_name)} (float32, then {str(out_dtype)[6:]})",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     if round_trip:
         compute = getattr(torch, run_info.get("dtype", "bfloat16"))
         count = nf4_round_trip(base, compute)
@@ -229,5 +229,6 @@ def merge(
             f"saved {info['output_dtype']} model = {diff_saved:.2e}",
             highlight=False,
         )
-    console.print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False, markup=False)
+    console.print(f"wrote {out} (loads with transformers.AutoModelForCausalLM.from_pretrained)", highlight=False, markup=False,
+                  soft_wrap=True)
     return info

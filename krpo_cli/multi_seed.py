@@ -73,7 +73,8 @@ def train_seeds(
     # Refuse a used run directory before any seed trains, not after the first few.
     run_dirs = [check_run_dir(recipe, overwrite, resume) for recipe, _ in recipes]
     for index, ((recipe, text), run_dir) in enumerate(zip(recipes, run_dirs), start=1):
-        console.print(f"[bold]seed {recipe.run.seed}[/] ({index}/{len(seeds)}): {escape(str(run_dir))}", highlight=False)
+        console.print(f"[bold]seed {recipe.run.seed}[/] ({index}/{len(seeds)}): {escape(str(run_dir))}", highlight=False,
+                      soft_wrap=True)
         continue_run = resume and run_dir.is_dir() and any(run_dir.iterdir())
         train(recipe, text, overwrite=overwrite, console=console, resume=continue_run)
     out = Path(base.run.output_dir) / f"{base.run.name}-seeds.png"

@@ -250,3 +250,18 @@ def test_eval_of_a_run_stopped_before_any_checkpoint_says_so(tmp_path, tiny_mode
     result = runner.invoke(app, ["eval", str(run)])
     assert result.exit_code == 2
     assert "stopped before its first checkpoint was written" in result.output
+
+
+def test_eval_lines_with_paths_are_not_wrapped_on_a_narrow_console(run_dir, tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from krpo_cli import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=40))  # not a terminal: a log
+    out = tmp_path / "a-rather-long-folder-name-for-the-results"
+    result = runner.invoke(app, ["eval", str(run_dir), "--limit", "2", "--max-new-tokens", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(line.startswith("krpo eval ") and f" + adapter {run_dir / 'adapter'} · " in line
+               and line.endswith(f"prompt and grader from {run_dir / 'recipe.yaml'}") for line in lines), lines
+    assert f"wrote {out / 'results.json'} and samples.jsonl" in lines

@@ -106,9 +106,14 @@ def test_a_checkpoints_adapter_is_merged_with_its_runs_recipe(tmp_path, tiny_mod
     assert find_adapter(loose) == (loose, None)
 
 
-def test_merge_of_a_stopped_run_uses_its_latest_checkpoint(tmp_path, tiny_model_dir):
+def test_merge_of_a_stopped_run_uses_its_latest_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
     from conftest import stopped_run
 
+    from rich.console import Console
+
+    from krpo_cli import cli
+
+    monkeypatch.setattr(cli, "console", Console(width=40))  # not a terminal: a log; no line is cut
     run = stopped_run(tiny_model_dir, tmp_path / "runs")
     result = runner.invoke(app, ["merge", str(run)])
     assert result.exit_code == 0, result.output
@@ -116,3 +121,5 @@ def test_merge_of_a_stopped_run_uses_its_latest_checkpoint(tmp_path, tiny_model_
     assert f"run stopped at step 1 of 4; using checkpoint {checkpoint}" in result.output.splitlines()
     info = json.loads((run / "merged" / "merge_info.json").read_text())
     assert info["adapter"] == str(checkpoint / "adapter")
+    assert any(line.startswith(f"krpo merge {checkpoint / 'adapter'} into ") for line in result.output.splitlines())
+    assert f"wrote {run / 'merged'} (loads with transformers.AutoModelForCausalLM.from_pretrained)" in result.output.splitlines()
