@@ -12,7 +12,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.krpo-installed
 WHEEL_CHECK ?= build/wheel-check
 
-.PHONY: install quickstart test wheel-check clean
+.PHONY: install quickstart test study wheel-check clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+# The estimator study (docs/results.md): hours on 2 CPU cores. Options: make study STUDY_ARGS="--plan".
+study: $(STAMP)
+	$(BIN)/python -m studies.estimators $(STUDY_ARGS)
 
 # Build the wheel, install it into a fresh virtual environment (torch pinned as above, pip's cache
 # reused) and run it from a folder outside the checkout: the shipped recipes must come with it.

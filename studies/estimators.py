@@ -277,9 +277,9 @@ def run_study(args: argparse.Namespace, console: Console) -> dict:
     planned = plan_runs(out, size, parse_seeds(args.seeds), tasks, arms, list(args.set))
     states = {run: run_state(run.run_dir, run.steps) for run in planned}
     todo = [run for run, state in states.items() if state != "done"]
-    hours = estimated_seconds(size, len(todo)) / 3600
+    minutes = estimated_seconds(size, len(todo)) / 60
     console.print(f"[bold]estimator study[/] size {args.size}: {len(planned)} runs, {len(planned) - len(todo)} done, "
-                  f"{len(todo)} to train (≈ {hours:.1f} h on 2 CPU cores) → {escape(str(out))}", highlight=False)
+                  f"{len(todo)} to train (≈ {minutes:.0f} min on 2 CPU cores) → {escape(str(out))}", highlight=False)
     if args.plan:
         for run in planned:
             console.print(f"  {states[run]:>7}  {escape(str(run.run_dir))}", highlight=False)

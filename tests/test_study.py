@@ -103,6 +103,12 @@ def test_plan_takes_the_first_seeds_per_arm_and_a_generated_task_reads_its_file(
     assert Path(recipe.run.output_dir) / recipe.run.name == run.run_dir
 
 
+def test_budget_arithmetic_by_hand():
+    size = estimators.Size(steps=12, prompts_per_step=4, group_size=6, eval_questions=200, eval_every=5, save_every=3)
+    # load 10 s + 288 completions × 11/32 s + 3 evaluations (steps 5, 10, 12) × 200 questions × 0.05 s
+    assert estimators.estimated_seconds(size, 2) == pytest.approx(2 * (10 + 99 + 30))
+
+
 def test_unknown_task_or_arm_is_one_line_and_exit_2(tmp_path, capsys):
     assert estimators.main(["--tasks", "one_digit,nope", "--out", str(tmp_path), "--plan"]) == 2
     assert "unknown 'nope'" in capsys.readouterr().out
