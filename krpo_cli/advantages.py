@@ -12,6 +12,7 @@ x̂ = init_mean, P = init_var and reads the group's rewards in sampled order:
     x̂  = x̂ + K (r − x̂)    P = (1 − K) P⁻
     A  = (r − x̂) / sqrt(P + ε)
 
+(`eps_placement: std` divides by sqrt(P) + ε instead, as the paper's released code does.)
 The advantage uses the posterior after r was absorbed. K and P do not depend on the
 rewards, so the advantages are order dependent, do not sum to zero and are about ten
 times GRPO's scale; an all-correct group gets small positive advantages.
@@ -61,6 +62,7 @@ def kalman_filter(
     order: str = "sampled",
     adaptive: bool = False,
     generator: torch.Generator | None = None,
+    eps_placement: str = "variance",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One Kalman filter per group, each started from its own (x̂₀, P₀).
 
@@ -70,6 +72,8 @@ def kalman_filter(
     The other arguments are krpo_advantages'.
     """
     _check_rewards(rewards)
+    if eps_placement not in EPS_PLACEMENTS:
+        raise ValueError(f"unknown eps placement {eps_placement!r}; expected one of {', '.join(EPS_PLACEMENTS)}")
     r = rewards  # in reading order
     if order != "sampled":
         index = reading_order(rewards, order, generator)
@@ -81,18 +85,29 @@ def kalman_filter(
         raise ValueError(f"initial states must have shape ({num_groups},), one per group")
     if not adaptive and num_groups > 0 and bool((variance == variance[0]).all()):
         advantages, estimate, variance = _filter_with_shared_gains(
-            r, estimate, float(variance[0]), process_noise, measurement_noise, eps, rewards.dtype
+            r, estimate, float(variance[0]), process_noise, measurement_noise, eps, rewards.dtype, eps_placement
         )
     else:
         advantages, estimate, variance = _filter_step_by_step(
-            r.to(torch.float64), estimate, variance, process_noise, measurement_noise, eps, adaptive
+            r.to(torch.float64), estimate, variance, process_noise, measurement_noise, eps, adaptive, eps_placement
         )
     if order != "sampled":
         advantages = torch.empty_like(advantages).scatter_(1, index, advantages)
     return advantages.to(rewards.dtype), estimate, variance
 
 
-def _filter_step_by_step(r, estimate, variance, process_noise, measurement_noise, eps, adaptive):
+EPS_PLACEMENTS = ("variance", "std")
+
+
+def advantage_scale(variance, eps: float, eps_placement: str = "variance"):
+    """The divisor of KRPO's advantage: sqrt(P + ε) (`variance`, krpo's default) or sqrt(P) + ε
+    (`std`, the paper's released code). `variance`: a float or a float64 tensor."""
+    if eps_placement == "std":
+        return variance**0.5 + eps
+    return (variance + eps) ** 0.5
+
+
+def _filter_step_by_step(r, estimate, variance, process_noise, measurement_noise, eps, adaptive, eps_placement="variance"):
     """The filter reward by reward (vectorised across groups): rewards `r` (float64) in reading
     order, each group from its own (x̂₀, P₀). Returns advantages in reading order, final x̂ and P."""
     num_groups, group_size = r.shape
@@ -105,14 +120,18 @@ def _filter_step_by_step(r, estimate, variance, process_noise, measurement_noise
         gain = prior_variance / (prior_variance + noise)
         estimate = estimate + gain * (r[:, i] - estimate)
         variance = (1.0 - gain) * prior_variance
-        advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
+        if eps_placement == "variance":
+            advantages[:, i] = (r[:, i] - estimate) / (variance + eps).sqrt()
+        else:
+            advantages[:, i] = (r[:, i] - estimate) / advantage_scale(variance, eps, eps_placement)
     return advantages, estimate, variance
 
 
 ROWS_PER_BLOCK = 4096
 
 
-def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, measurement_noise, eps, out_dtype):
+def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, measurement_noise, eps, out_dtype,
+                              eps_placement="variance"):
     """The same filter when every group starts from one P₀ and R is fixed (krpo_advantages' case).
 
     The gains K_i and variances P_i then do not depend on the rewards or the group, so each
@@ -133,7 +152,7 @@ def _filter_with_shared_gains(r, estimate, init_variance: float, process_noise, 
             weights[j][i] = (1.0 - gain) * weights[j][i - 1]
         weights[i][i] = gain
         decay.append((1.0 - gain) * (decay[-1] if decay else 1.0))  # a_i
-        scales.append(1.0 / (variance + eps) ** 0.5)
+        scales.append(1.0 / advantage_scale(variance, eps, eps_placement))
     # advantages = r·M − x̂₀·c with M_ji = (δ_ji − W_ji)·s_i and c_i = a_i·s_i
     to_advantages = torch.tensor([[((j == i) - weights[j][i]) * scales[i] for i in range(group_size)]
                                   for j in range(group_size)], dtype=torch.float64, device=r.device)
@@ -167,6 +186,7 @@ def krpo_advantages(
     order: str = "sampled",
     adaptive: bool = False,
     generator: torch.Generator | None = None,
+    eps_placement: str = "variance",
 ) -> torch.Tensor:
     """KRPO advantages: one Kalman filter per group, rewards read in sampled order.
 
@@ -179,7 +199,8 @@ def krpo_advantages(
     group's rewards enter the filter (advantages are returned in sampled positions);
     `adaptive` replaces the fixed R, for the i-th reward, by the sample variance of the
     i−1 rewards the filter has already read (once there are at least two), never below
-    `measurement_noise`.
+    `measurement_noise`; `eps_placement: std` divides by sqrt(P) + ε (the paper's code) instead of
+    sqrt(P + ε).
     """
     _check_rewards(rewards)
     num_groups = rewards.shape[0]
@@ -193,6 +214,7 @@ def krpo_advantages(
         order=order,
         adaptive=adaptive,
         generator=generator,
+        eps_placement=eps_placement,
     )
     return advantages
 
@@ -282,17 +304,35 @@ def rloo_advantages(rewards: torch.Tensor) -> torch.Tensor:
     return rewards - others
 
 
+def equal_reward_groups(rewards: torch.Tensor) -> torch.Tensor:
+    """(num_groups,) bool: the groups whose rewards are all equal (GRPO gives them zero advantages;
+    KRPO does not: an all-correct group's are small and positive)."""
+    _check_rewards(rewards)
+    return rewards.max(dim=1).values == rewards.min(dim=1).values
+
+
+def rows_to_train(rewards: torch.Tensor, skip_equal_reward_groups: bool) -> torch.Tensor:
+    """The row numbers (i·G + j) the update trains on: all of them, or, with
+    `skip_equal_reward_groups`, those of the groups whose rewards are not all equal."""
+    num_groups, group_size = rewards.shape
+    rows = torch.arange(num_groups * group_size)
+    if not skip_equal_reward_groups:
+        return rows
+    return rows[~equal_reward_groups(rewards).repeat_interleave(group_size)]
+
+
 ESTIMATORS = ("krpo", "grpo", "dr_grpo", "rloo")
 
 
 def compute_advantages(
-    rewards: torch.Tensor, estimator: str, generator: torch.Generator | None = None, **kalman
+    rewards: torch.Tensor, estimator: str, generator: torch.Generator | None = None, grpo_eps: float = 1e-8, **kalman
 ) -> torch.Tensor:
-    """Dispatch on the recipe's `algorithm.advantage`; `kalman` holds krpo's filter settings."""
+    """Dispatch on the recipe's `algorithm.advantage`; `kalman` holds krpo's filter settings, `grpo_eps`
+    GRPO's guard of its division by the standard deviation."""
     if estimator == "krpo":
         return krpo_advantages(rewards, generator=generator, **kalman)
     if estimator == "grpo":
-        return grpo_advantages(rewards, eps=kalman.get("eps", 1e-8))
+        return grpo_advantages(rewards, eps=grpo_eps)
     if estimator == "dr_grpo":
         return dr_grpo_advantages(rewards)
     if estimator == "rloo":

@@ -19,12 +19,14 @@ from pydantic_core import PydanticCustomError
 from krpo_cli.errors import KrpoError
 from krpo_cli.rewards import GRADERS, USER_GRADER_SPEC
 
+# The system prompt of the KRPO paper's released code (its train.py and eval.py), word for word and
+# line for line, with its two line breaks and its final one: the DeepSeek-R1-Zero prompt as that code wrote it.
 PAPER_SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant "
-    "solves it. The Assistant first thinks about the reasoning process and then gives the user "
-    "the answer. The reasoning process and the answer are enclosed within <think> </think> and "
-    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think>"
-    "<answer> answer here </answer>."
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
+    "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+    "respectively, i.e., <think> reasoning process here </think>\n"
+    "<answer> answer here </answer>\n"
 )
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # shipped inside the package, so a wheel carries them
@@ -298,7 +300,12 @@ class KalmanSettings(_Strict):
     measurement_noise: float = Field(1e-2, gt=0, description="R: variance of one reward around the baseline.")
     init_mean: float = Field(0.0, description="Initial baseline estimate x̂₀.")
     init_var: float = Field(1.0, gt=0, description="Initial baseline variance P₀.")
-    eps: float = Field(1e-8, gt=0, description="Added to the variance before the square root.")
+    eps: float = Field(1e-8, gt=0, description="ε of the advantage's divisor (see eps_placement).")
+    eps_placement: Literal["variance", "std"] = Field(
+        "variance",
+        description="variance: A = (r − x̂)/sqrt(P + ε); std: (r − x̂)/(sqrt(P) + ε), as the paper's released code "
+        "(the two differ by less than 1e-5 relative with ε = 1e-8).",
+    )
     order: Literal["sampled", "shuffled", "sorted"] = Field(
         "sampled", description="Order in which a group's rewards enter the filter (the paper: sampled)."
     )
@@ -317,9 +324,50 @@ class AlgorithmSettings(_Strict):
         "krpo", description="Advantage estimator: krpo (the paper), grpo, dr_grpo (mean-centred, no std), rloo (leave-one-out)."
     )
     group_size: int = Field(12, ge=2, le=MAX_GROUP_SIZE, description="Completions sampled per prompt (G).")
-    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε.")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="PPO clip range ε (both sides unless clip_eps_low/high are set).")
+    clip_eps_low: float | None = Field(
+        None, gt=0, lt=1, description="Lower clip ε_low: ρ is clipped at 1 − ε_low (TRL's epsilon); default: clip_eps."
+    )
+    clip_eps_high: float | None = Field(
+        None, gt=0, le=10, description="Upper clip ε_high: ρ is clipped at 1 + ε_high (DAPO's clip-higher, e.g. 0.28; "
+        "TRL's epsilon_high); default: clip_eps.",
+    )
+    importance_ratio: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: ρ per token (PPO/GRPO); sequence: GSPO's exp(mean over the completion of log π − log π_old), "
+        "one ratio per completion (TRL's importance_sampling_level).",
+    )
+    loss_aggregation: Literal["auto", "sequence", "token", "constant"] = Field(
+        "auto",
+        description="sequence: mean over each completion's tokens, then over completions (the GRPO and KRPO papers); "
+        "token: sum over the minibatch's tokens / their number (DAPO; TRL's dapo/bnpo); constant: sum / "
+        "(completions × generation.max_new_tokens) (Dr. GRPO; TRL's dr_grpo); auto: constant for "
+        "advantage: dr_grpo, else sequence.",
+    )
     kl_beta: float = Field(0.01, ge=0, description="Weight β of the KL penalty to the reference (adapter off).")
+    mask_eos: bool = Field(
+        False, description="Leave each completion's end-of-sequence token out of the loss (the paper's code does); "
+        "default: it is trained on, so the policy learns when to stop.",
+    )
+    skip_equal_reward_groups: bool = Field(
+        False, description="Leave the groups whose rewards are all equal out of the update (their advantages are zero "
+        "under GRPO; KRPO gives them non-zero ones, so this changes KRPO).",
+    )
+    grpo_eps: float = Field(1e-8, gt=0, description="GRPO's ε: A = (r − mean)/(std + ε). advantage: grpo only.")
     kalman: KalmanSettings = Field(default_factory=KalmanSettings)
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(ε_low, ε_high) of the clipped surrogate."""
+        low = self.clip_eps if self.clip_eps_low is None else self.clip_eps_low
+        return low, (self.clip_eps if self.clip_eps_high is None else self.clip_eps_high)
+
+    @property
+    def aggregation(self) -> str:
+        """The loss aggregation in effect (`auto` resolved)."""
+        if self.loss_aggregation != "auto":
+            return self.loss_aggregation
+        return "constant" if self.advantage == "dr_grpo" else "sequence"
 
     @model_validator(mode="after")
     def _check(self) -> "AlgorithmSettings":

@@ -29,12 +29,23 @@ def ineffective_keys(recipe: Recipe) -> list[str]:
         found += [f"data.{key} (data.source is {data.source})" for key in _TABLE_KEYS if key in data.model_fields_set]
     if data.source != "arithmetic" and "difficulty" in data.model_fields_set:
         found.append(f"data.difficulty (only data.source: arithmetic has difficulties; it is {data.source})")
-    if advantage != "krpo":  # grpo reads only eps, to guard its division by the standard deviation
-        inert = [key for key in kalman.model_fields_set if key not in ("scope",) + (("eps",) if advantage == "grpo" else ())]
+    if advantage != "krpo":  # (a scope other than group is an error there, not a warning)
+        inert = [key for key in kalman.model_fields_set if key != "scope"]
         found += [f"algorithm.kalman.{key} (algorithm.advantage is {advantage}, not krpo)" for key in sorted(inert)]
+    found += _inert_algorithm_keys(recipe.algorithm)
     reward = recipe.reward
     if reward.graders and "grader" in reward.model_fields_set and reward.grader != type(reward)().grader:
         found.append("reward.grader (reward.graders is set and replaces it)")
+    return found
+
+
+def _inert_algorithm_keys(algorithm) -> list[str]:
+    """algorithm.* keys (outside kalman) that the algorithm's other settings make inert."""
+    given, found = algorithm.model_fields_set, []
+    if "grpo_eps" in given and algorithm.advantage != "grpo":
+        found.append(f"algorithm.grpo_eps (algorithm.advantage is {algorithm.advantage}, not grpo)")
+    if "clip_eps" in given and algorithm.clip_eps_low is not None and algorithm.clip_eps_high is not None:
+        found.append("algorithm.clip_eps (algorithm.clip_eps_low and clip_eps_high are both set)")
     return found
 
 

@@ -25,6 +25,7 @@ class Rollout:
     prompt_length: int  # P
     completions: list[str]  # decoded completions, N of them
     seconds: float  # wall time of generation
+    ends_with_eos: torch.Tensor | None = None  # (N,) bool: the completion ended with EOS (else it was cut off)
 
     @property
     def completion_tokens(self) -> torch.Tensor:
@@ -140,6 +141,7 @@ def generate_rollout(
     # Drop columns past the longest completion (only padding lives there).
     longest = int(completion_mask.sum(dim=1).max())
     completions, completion_mask = completions[:, :longest], completion_mask[:, :longest]
+    ends_with_eos = (torch.isin(completions, torch.tensor(eos_ids, device=completions.device)) & completion_mask.bool()).any(dim=1)
     texts = tokenizer.batch_decode(completions * completion_mask + pad_id * (1 - completion_mask), skip_special_tokens=True)
     return Rollout(
         sequences=torch.cat([input_ids, completions], dim=1),
@@ -148,4 +150,5 @@ def generate_rollout(
         prompt_length=prompt_length,
         completions=texts,
         seconds=time.perf_counter() - started,
+        ends_with_eos=ends_with_eos,
     )

@@ -46,8 +46,6 @@ from krpo_cli.data import PromptSampler, build_prompt, drop_overlong, load_rows,
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
-from krpo_cli.log_probs import batched_log_probs, completion_log_probs
-from krpo_cli.losses import policy_loss
 from krpo_cli.models import LoadedModel, load_policy, save_adapter
 from krpo_cli.rewards import get_grader, load_reward, soft_overlong_penalty
 from krpo_cli.rollout import Rollout, generate_rollout, pick_engine
@@ -70,6 +68,8 @@ from krpo_cli.run_dir import (
 )
 from krpo_cli.progress import StepProgress
 from krpo_cli.run_log import JsonlWriter, MetricsLogger, check_logging_backends, counted
+from krpo_cli.step_stats import batch_reward_std, clip_ratios, group_reward_std, length_stats, truncated_fraction
+from krpo_cli.update import NumericalFailure, UpdateStats, auto_micro_batch, update_policy  # noqa: F401 (re-exported)
 
 
 class TrainingInterrupted(Exception):
@@ -78,10 +78,6 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int, checkpoint: Path):
         self.step, self.checkpoint = step, checkpoint
         super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
-
-
-class NumericalFailure(Exception):
-    """Too many consecutive non-finite updates."""
 
 
 class WriteFailure(KrpoError):
@@ -118,23 +114,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Tokens per forward/backward on a CPU: fewer is slower per token (small matrix products),
-# more is slower too (activations fall out of cache, pages are faulted in); measured on the
-# quickstart model, 4 × 156 tokens beat both 2 × 156 and 8 or 16 × 156 (docs/benchmarks.md).
-CPU_TOKENS_PER_MICRO_BATCH = 640
-
-
-def auto_micro_batch(minibatch: int, sequence_length: int, device: torch.device) -> int:
-    """Rows per forward when the recipe leaves train.micro_batch_size unset.
-
-    On a CPU: about CPU_TOKENS_PER_MICRO_BATCH tokens (at least one row). Elsewhere the whole
-    minibatch, as a GPU is fastest with big batches and its memory is the user's knob.
-    """
-    if device.type != "cpu":
-        return minibatch
-    return max(1, min(minibatch, CPU_TOKENS_PER_MICRO_BATCH // max(1, sequence_length)))
 
 
 def check_optimizer(name: str) -> None:
@@ -231,18 +210,7 @@ class Batch:
     all_advantages: torch.Tensor  # (prompts·G,)
     advantages: torch.Tensor  # this process's rows, on the model's device
     reward_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # reward.graders: each one's rewards
-
-
-@dataclass
-class UpdateStats:
-    """What the policy update of one step did."""
-
-    started: float  # time.perf_counter() when the update began
-    losses: list[float] = field(default_factory=list)  # one per optimizer step taken
-    grad_norms: list[float] = field(default_factory=list)
-    kls: list[float] = field(default_factory=list)  # one per sequence trained on
-    clip_fracs: list[float] = field(default_factory=list)
-    skipped: int = 0
+    ends_with_eos: torch.Tensor | None = None  # (prompts·G,) bool: not cut off at max_new_tokens
 
 
 def train(
@@ -456,102 +424,12 @@ def collect_rollout(run: Run) -> Batch:
         questions = [row["question"] for row in global_rows]
         all_advantages = run.baselines.advantages(groups, questions, generator=run.shuffle, **kalman)
     else:
-        all_advantages = compute_advantages(groups, alg.advantage, run.shuffle, **kalman)
+        all_advantages = compute_advantages(groups, alg.advantage, run.shuffle, grpo_eps=alg.grpo_eps, **kalman)
     all_advantages = all_advantages.flatten()
     advantages = all_advantages[dist.local_slice(cfg.rollout_size)].to(run.loaded.device)
+    (ends_with_eos,) = dist.gather_rows(rollout.ends_with_eos)
     return Batch(rows, rollout, grades, rewards, correct, formatted, lengths, groups, all_advantages, advantages,
-                 dict(zip(part_names, parts)))
-
-
-def update_policy(run: Run, batch: Batch, step: int) -> UpdateStats:
-    """UPDATE: shuffled minibatches, gradient accumulation over micro-batches. With several processes
-    each trains on the rows it holds of the same global minibatch."""
-    opt, rollout_size = run.recipe.train, run.recipe.rollout_size
-    stats = UpdateStats(started=time.perf_counter())
-    micro_batch = opt.micro_batch_size or auto_micro_batch(
-        opt.minibatch_size, batch.rollout.sequences.shape[1], run.loaded.device
-    )
-    fixed = fixed_log_probs(run, batch.rollout, micro_batch)
-    run.model.train()
-    for _ in range(opt.epochs_per_batch):
-        order = torch.randperm(rollout_size, generator=run.shuffle)
-        for start in range(0, rollout_size, opt.minibatch_size):
-            minibatch_update(run, batch, order[start : start + opt.minibatch_size], micro_batch, fixed, stats, step)
-    run.model.eval()
-    return stats
-
-
-def fixed_log_probs(run: Run, rollout: Rollout, micro_batch: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Log-probs that stay fixed during the update: (reference with the adapter off, when β > 0;
-    the rollout policy's, when the batch feeds more than one optimizer step)."""
-    alg, opt, model = run.recipe.algorithm, run.recipe.train, run.model
-    temperature = run.recipe.generation.temperature
-    optimizer_steps_per_batch = opt.epochs_per_batch * -(-run.recipe.rollout_size // opt.minibatch_size)
-    everything = torch.arange(len(rollout.completions))
-    ref_log_probs = old_log_probs = None
-    with torch.no_grad():
-        model.eval()
-        if alg.kl_beta > 0:
-            with model.disable_adapter():
-                ref_log_probs = batched_log_probs(model, rollout, everything, micro_batch, temperature)
-        if optimizer_steps_per_batch > 1:
-            old_log_probs = batched_log_probs(model, rollout, everything, micro_batch, temperature)
-    return ref_log_probs, old_log_probs
-
-
-def minibatch_update(run: Run, batch: Batch, mb_rows: torch.Tensor, micro_batch: int, fixed: tuple,
-                     stats: UpdateStats, step: int) -> None:
-    """One optimizer step on the minibatch `mb_rows` (global row numbers), or none if it is not finite."""
-    alg, opt, dist, rollout = run.recipe.algorithm, run.recipe.train, run.dist, batch.rollout
-    ref_log_probs, old_log_probs = fixed
-    # Sorted, a micro-batch holds few distinct prompts, each read once (rows are i·G + j);
-    # the minibatch's gradient is the same sum in any order.
-    my_rows = dist.local_rows(mb_rows, run.recipe.rollout_size).sort().values
-    run.optimizer.zero_grad(set_to_none=True)
-    mb_loss = 0.0
-    for start in range(0, len(my_rows), micro_batch):
-        index = my_rows[start : start + micro_batch]
-        log_probs = completion_log_probs(
-            run.model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length,
-            run.recipe.generation.temperature,
-        )
-        parts = policy_loss(
-            log_probs,
-            old_log_probs[index] if old_log_probs is not None else log_probs.detach(),
-            ref_log_probs[index] if ref_log_probs is not None else None,
-            batch.advantages[index],
-            rollout.completion_mask[index],
-            clip_eps=alg.clip_eps,
-            kl_beta=alg.kl_beta,
-        )
-        loss = parts.loss.sum() / len(mb_rows)  # mean over the (global) minibatch's sequences
-        loss.backward()
-        mb_loss += loss.item()
-        stats.kls.extend(parts.kl.tolist())
-        stats.clip_fracs.extend(parts.clip_fraction.tolist())
-    mb_loss = dist.sum_gradients(run.trainable, mb_loss)  # ranks' shares → the whole minibatch's
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.trainable, opt.max_grad_norm)
-    if not torch.isfinite(grad_norm) or not np.isfinite(mb_loss):
-        skip_update(run, stats, step)
-        return
-    run.consecutive_skips = 0
-    run.optimizer.step()
-    run.scheduler.step()
-    stats.losses.append(mb_loss)
-    stats.grad_norms.append(float(grad_norm))
-
-
-def skip_update(run: Run, stats: UpdateStats, step: int) -> None:
-    """Drop a non-finite update; too many in a row stop the run."""
-    run.optimizer.zero_grad(set_to_none=True)
-    stats.skipped += 1
-    run.consecutive_skips += 1
-    run.console.print(f"step {step}: non-finite loss or gradient, update skipped", highlight=False)
-    if run.consecutive_skips >= run.recipe.train.max_consecutive_skips:
-        raise NumericalFailure(
-            f"{run.consecutive_skips} consecutive updates had a non-finite loss or gradient (step {step}); "
-            "try a lower train.learning_rate, model.dtype=float32, or a smaller algorithm.kl_beta"
-        )
+                 dict(zip(part_names, parts)), ends_with_eos)
 
 
 def grader_metrics(reward_parts: dict[str, torch.Tensor]) -> dict:
@@ -569,11 +447,13 @@ def step_metrics(run: Run, batch: Batch, update: UpdateStats, step: int, step_lr
     dist, rewards, groups, advantages = run.dist, batch.rewards, batch.groups, batch.all_advantages
     (generated_tokens,) = dist.reduce_floats([batch.rollout.num_generated_tokens], "sum")
     (rollout_seconds,) = dist.reduce_floats([batch.rollout.seconds], "max")  # the slowest rank's
+    trained, clipped_low, clipped_high = dist.reduce_floats([update.loss_tokens, update.clipped_low, update.clipped_high])
     now = time.perf_counter()
     return {
         "step": step,
         "reward_mean": float(rewards.mean()),
-        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "reward_std": group_reward_std(groups),
+        "reward_std_batch": batch_reward_std(rewards),
         **grader_metrics(batch.reward_parts),
         "correct_frac": statistics.fmean(batch.correct.tolist()),
         "format_frac": statistics.fmean(batch.formatted.tolist()),
@@ -581,11 +461,13 @@ def step_metrics(run: Run, batch: Batch, update: UpdateStats, step: int, step_lr
         "advantage_mean": float(advantages.mean()),
         "advantage_abs_max": float(advantages.abs().max()),
         "loss": statistics.fmean(update.losses) if update.losses else float("nan"),
-        "kl": dist.global_mean(update.kls),
-        "clip_frac": dist.global_mean(update.clip_fracs),
+        "kl": dist.global_mean(update.kls) if trained else float("nan"),
+        "clip_frac": dist.global_mean(update.clip_fracs) if trained else float("nan"),
+        **clip_ratios(clipped_low, clipped_high, trained),
         "grad_norm": statistics.fmean(update.grad_norms) if update.grad_norms else float("nan"),
         "skipped_updates": update.skipped,
-        "completion_len_mean": float(batch.lengths.mean()),
+        **length_stats(batch.lengths),
+        "clipped_ratio": truncated_fraction(batch.ends_with_eos),
         "tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
         "rollout_seconds": rollout_seconds,
         "update_seconds": now - update.started,

@@ -159,3 +159,45 @@ def test_krpo_adaptive_noise_hand_computed():
     # an all-equal group has zero spread: the floor keeps R at measurement_noise, same as the paper
     ones = torch.ones(1, 6)
     assert torch.equal(krpo_advantages(ones, adaptive=True), krpo_advantages(ones))
+
+
+# --- ε placement, GRPO's own ε, groups of equal rewards -----------------------------------------------
+
+from krpo_cli.advantages import equal_reward_groups, kalman_filter, rows_to_train  # noqa: E402
+
+
+@pytest.mark.parametrize("shared_gains", [True, False])
+def test_eps_placement_std_divides_by_sqrt_p_plus_eps(shared_gains):
+    # Q = 0, R = 1, x̂₀ = 0, P₀ = 1, reward 1: K = 0.5, x̂ = 0.5, P = 0.5; ε = 0.5 to make the placements differ.
+    # variance: 0.5 / sqrt(0.5 + 0.5) = 0.5; std (the paper's code): 0.5 / (sqrt(0.5) + 0.5) = 0.414214
+    rewards = torch.tensor([[1.0], [1.0]])
+    variances = torch.tensor([1.0, 1.0]) if shared_gains else torch.tensor([1.0, 1.0 + 1e-12])  # unequal P₀: step by step
+    settings = dict(process_noise=0.0, measurement_noise=1.0, eps=0.5)
+    inside, _, _ = kalman_filter(rewards, torch.zeros(2), variances, **settings)
+    outside, _, _ = kalman_filter(rewards, torch.zeros(2), variances, eps_placement="std", **settings)
+    assert inside.flatten().tolist() == pytest.approx([0.5, 0.5], rel=1e-6)
+    assert outside.flatten().tolist() == pytest.approx([0.5 / (0.5**0.5 + 0.5)] * 2, rel=1e-6)
+    assert outside[0, 0].item() == pytest.approx(0.414214, abs=1e-6)
+
+
+def test_eps_placement_reaches_krpo_advantages_and_barely_matters_at_the_default_eps():
+    rewards = torch.tensor([[1.0] + [0.0] * 11])
+    paper_code = krpo_advantages(rewards, eps_placement="std")
+    assert paper_code[0].tolist() == pytest.approx(ONE_THEN_ZEROS, abs=1e-4)
+    assert not torch.equal(paper_code, krpo_advantages(rewards))
+    with pytest.raises(ValueError):
+        krpo_advantages(rewards, eps_placement="outside")
+
+
+def test_grpo_takes_its_own_eps():
+    rewards = torch.tensor([[0.0, 1.0]])  # mean 0.5, std (Bessel) √0.5 = 0.7071
+    assert compute_advantages(rewards, "grpo", grpo_eps=1.0)[0].tolist() == pytest.approx([-0.5 / 1.7071068, 0.5 / 1.7071068])
+    # the filter's eps no longer reaches GRPO
+    assert compute_advantages(rewards, "grpo", eps=1.0)[0].tolist() == pytest.approx([-0.7071068, 0.7071068], rel=1e-6)
+
+
+def test_equal_reward_groups_and_the_rows_left_to_train():
+    rewards = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.5, 0.5, 0.25]])
+    assert equal_reward_groups(rewards).tolist() == [True, False, True, False]
+    assert rows_to_train(rewards, False).tolist() == list(range(12))
+    assert rows_to_train(rewards, True).tolist() == [3, 4, 5, 9, 10, 11]

@@ -278,8 +278,14 @@ def test_keys_without_effect_are_named():
     found = ineffective_keys(load_recipe("quickstart", ["data.path=x.jsonl", "data.difficulty=hard"])[0])
     assert found == ["data.path (data.source is digits)",
                      "data.difficulty (only data.source: arithmetic has difficulties; it is digits)"]
-    grpo = ["algorithm.advantage=grpo", "algorithm.kalman.eps=1e-6", "algorithm.kalman.init_mean=0.5"]
-    assert ineffective_keys(load_recipe("quickstart", grpo)[0]) == ["algorithm.kalman.init_mean (algorithm.advantage is grpo, not krpo)"]
+    # GRPO's ε is algorithm.grpo_eps: the filter's eps, like every kalman key, is inert for grpo
+    grpo = ["algorithm.advantage=grpo", "algorithm.kalman.eps=1e-6", "algorithm.grpo_eps=1e-6"]
+    assert ineffective_keys(load_recipe("quickstart", grpo)[0]) == ["algorithm.kalman.eps (algorithm.advantage is grpo, not krpo)"]
+    krpo = ["algorithm.grpo_eps=1e-6", "algorithm.clip_eps=0.1", "algorithm.clip_eps_low=0.2", "algorithm.clip_eps_high=0.28"]
+    assert ineffective_keys(load_recipe("quickstart", krpo)[0]) == [
+        "algorithm.grpo_eps (algorithm.advantage is krpo, not grpo)",
+        "algorithm.clip_eps (algorithm.clip_eps_low and clip_eps_high are both set)",
+    ]
 
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -299,3 +305,17 @@ def test_recipe_yaml_builds_no_python_objects(tmp_path):
         load_yaml(f"run: !!python/object/apply:os.system ['touch {marker}']\n")
     assert not marker.exists()
     assert load_yaml("run: {name: x}\n") == {"run": {"name": "x"}}
+
+
+def test_the_arithmetic_system_prompt_is_the_paper_codes_word_for_word():
+    """The KRPO paper's released code (train.py and eval.py): two line breaks inside, one at the end."""
+    from krpo_cli.config import PAPER_SYSTEM_PROMPT, DataSettings
+
+    paper = (
+        "A conversation between User and Assistant. The user asks a question, and the Assistant solves it.\n"
+        "The assistant first thinks about the reasoning process in the mind and then provides the user with the answer. "
+        "The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> tags, "
+        "respectively, i.e., <think> reasoning process here </think>\n<answer> answer here </answer>\n"
+    )
+    assert PAPER_SYSTEM_PROMPT == paper and DataSettings().system_prompt == paper
+    assert load_recipe("arithmetic-normal")[0].data.system_prompt == paper

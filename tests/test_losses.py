@@ -87,3 +87,116 @@ def test_linear_token_log_probs_matches_log_softmax_values_and_gradients(tempera
         assert torch.allclose(hidden.grad, grads[0], atol=1e-6)
         assert torch.allclose(weight.grad, grads[1], atol=1e-6)
         hidden.grad, weight.grad = None, None
+
+
+# --- loss variants ----------------------------------------------------------------------------------
+
+from krpo_cli.losses import aggregate_loss, importance_ratio, without_final_eos  # noqa: E402
+
+
+def test_default_loss_is_bit_identical_to_the_paper_formula():
+    """The default path (symmetric clip, token ratio, sequence aggregation) computes exactly what krpo
+    computed before the variants: −min(ρA, clip(ρ, 0.8, 1.2)A) + β·k3, mean per sequence, / N."""
+    torch.manual_seed(0)
+    logp, old, ref = (torch.randn(5, 7) * 0.3 - 1.0 for _ in range(3))
+    adv, mask = torch.randn(5), (torch.rand(5, 7) > 0.3).long()
+    ratio = torch.exp(logp - old)
+    a = adv.unsqueeze(-1)
+    per_token = -torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - 0.2, 1.0 + 0.2) * a)
+    per_token = per_token + 0.01 * (torch.exp(ref - logp) - (ref - logp) - 1.0)
+    expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / 8
+    parts = policy_loss(logp, old, ref, adv, mask)
+    assert torch.equal(aggregate_loss(parts, "sequence", 8), expected)
+
+
+def test_without_final_eos_drops_only_the_eos_of_rows_that_end_with_one():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    ends = torch.tensor([True, False, True, False])  # row 1 was cut off at the length limit: no EOS
+    assert without_final_eos(mask, ends).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]]
+
+
+def test_asymmetric_clip_clips_high_at_one_plus_eps_high_and_low_at_one_minus_eps_low():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 1.25, 0.5, 0.75]]))
+    loss, clipped = clipped_surrogate(new, old, torch.tensor([2.0]), clip_eps=0.1, clip_eps_high=0.28)
+    # A > 0: ρ = 1.5 is clipped at 1.28, ρ = 1.25 is not (it would be at the symmetric 1.1)
+    assert loss[0].tolist() == pytest.approx([-2.56, -2.5, -1.0, -1.5], rel=1e-6)
+    assert clipped[0].tolist() == [True, False, False, False]
+    loss, clipped = clipped_surrogate(new, old, torch.tensor([-2.0]), clip_eps=0.1, clip_eps_high=0.28)
+    # A < 0: ρ = 0.5 and 0.75 are clipped at 1 − 0.1 = 0.9: −min(ρA, 0.9A) = 1.8
+    assert loss[0].tolist() == pytest.approx([3.0, 2.5, 1.8, 1.8], rel=1e-6)
+    assert clipped[0].tolist() == [False, False, True, True]
+
+
+def test_sequence_ratio_is_the_length_normalised_likelihood_ratio():
+    old = torch.zeros(2, 3)
+    new = torch.tensor([[math.log(2.0), 0.0, 5.0], [math.log(4.0), math.log(0.25), math.log(8.0)]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    ratio = importance_ratio(new, old, mask, "sequence")
+    # row 0: exp((log 2 + 0) / 2) = √2 on every token (the masked 5.0 does not count); row 1: exp(log 8 / 3) = 2
+    assert ratio.flatten().tolist() == pytest.approx([2**0.5] * 3 + [2.0] * 3, rel=1e-6)
+    assert importance_ratio(new, old, mask, "token")[1].tolist() == pytest.approx([4.0, 0.25, 8.0], rel=1e-6)
+
+
+def test_sequence_ratio_clips_whole_sequences():
+    old = torch.zeros(1, 2)
+    new = torch.log(torch.tensor([[2.0, 0.5]]))  # token ratios 2 and 0.5 (both clipped), sequence ratio 1
+    parts = policy_loss(new, old, None, torch.tensor([1.0]), torch.ones(1, 2), kl_beta=0.0, ratio_level="sequence")
+    assert parts.loss.tolist() == pytest.approx([-1.0]) and parts.clip_fraction.tolist() == [0.0]
+    parts = policy_loss(new, old, None, torch.tensor([1.0]), torch.ones(1, 2), kl_beta=0.0)
+    assert parts.clip_fraction.tolist() == [0.5]  # token level: ρ = 2 clipped at 1.2 (A > 0), ρ = 0.5 is the min
+
+
+def test_clipped_tokens_are_counted_by_side():
+    old = torch.zeros(2, 3)
+    new = torch.log(torch.tensor([[1.5, 1.0, 0.5], [1.5, 0.5, 0.5]]))
+    parts = policy_loss(new, old, None, torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 1], [1, 1, 0]]), kl_beta=0.0)
+    # A > 0 clips ρ > 1.2 (1 token of row 0); A < 0 clips ρ < 0.8 (1 of row 1's 2 loss tokens)
+    assert parts.clipped_high.tolist() == [1.0, 0.0] and parts.clipped_low.tolist() == [0.0, 1.0]
+    assert parts.tokens.tolist() == [3.0, 2.0]
+
+
+def test_loss_aggregations_hand_computed():
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    # ρ = 1: the per-token loss is −A: row 0 (A = 1) −1, −1; row 1 (A = −3) 3
+    parts = policy_loss(logp, logp, None, torch.tensor([1.0, -3.0]), mask, kl_beta=0.0)
+    assert parts.token_loss_sum.tolist() == [-2.0, 3.0]
+    assert float(aggregate_loss(parts, "sequence", 2)) == pytest.approx((-1.0 + 3.0) / 2)
+    assert float(aggregate_loss(parts, "token", 2, minibatch_tokens=3)) == pytest.approx((-2.0 + 3.0) / 3)
+    # Dr. GRPO: Σ over all tokens / (N · max_new_tokens) = 1 / (2 · 4)
+    assert float(aggregate_loss(parts, "constant", 2, max_new_tokens=4)) == pytest.approx(0.125)
+    with pytest.raises(ValueError):
+        aggregate_loss(parts, "mean", 2)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence", "token", "constant"])
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_micro_batches_accumulate_to_the_whole_minibatch_gradient(aggregation, ratio_level):
+    """Gradient accumulation: the shares of micro-batches of 1, 2 and 3 rows, each normalised by the
+    whole minibatch's sequences or tokens, sum to the one-batch loss and gradient."""
+    torch.manual_seed(1)
+    rows, width, max_new_tokens = 6, 5, 5
+    old, ref = torch.randn(rows, width, dtype=torch.float64) - 1, torch.randn(rows, width, dtype=torch.float64) - 1
+    mask = torch.tensor([[1] * n + [0] * (width - n) for n in (5, 1, 3, 4, 2, 5)])
+    adv = torch.randn(rows, dtype=torch.float64)
+    start = old + 0.3 * torch.randn(rows, width, dtype=torch.float64)
+    tokens = float(mask.sum())
+
+    def loss_and_grad(split):
+        logp = start.clone().requires_grad_()
+        total = 0.0
+        for part in torch.arange(rows).split(split):
+            parts = policy_loss(logp[part], old[part], ref[part], adv[part], mask[part], ratio_level=ratio_level,
+                                clip_eps_high=0.28)
+            loss = aggregate_loss(parts, aggregation, rows, tokens, max_new_tokens)
+            loss.backward()
+            total += loss.item()
+        return total, logp.grad
+
+    whole_loss, whole_grad = loss_and_grad(rows)
+    for split in (1, 2, 3):
+        loss, grad = loss_and_grad(split)
+        assert loss == pytest.approx(whole_loss, rel=1e-12)
+        assert torch.allclose(grad, whole_grad, rtol=1e-12, atol=1e-15)
+    assert whole_grad.abs().sum() > 0

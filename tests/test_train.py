@@ -140,3 +140,63 @@ def test_the_logged_lr_is_the_one_the_step_trained_with(tmp_path, tiny_model_dir
     train = {"steps": 2, "prompts_per_step": 2, "minibatch_size": 8, "learning_rate": 1e-4, "warmup_steps": 4}
     run_dir = train_module.train(Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, train=train)))
     assert [m["lr"] for m in read_jsonl(run_dir / "metrics.jsonl")] == pytest.approx([0.0, 2.5e-5])
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [
+        {"loss_aggregation": "token"},
+        {"loss_aggregation": "constant"},
+        {"clip_eps_low": 0.1, "clip_eps_high": 0.28},
+        {"importance_ratio": "sequence"},
+        {"mask_eos": True},
+        {"skip_equal_reward_groups": True},
+        {"kalman": {"eps_placement": "std"}},
+        {"advantage": "grpo", "grpo_eps": 1e-6},
+    ],
+    ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()),
+)
+def test_each_loss_option_trains(tmp_path, tiny_model_dir, captured, algorithm):
+    """One step of 2 epochs × 2 minibatches, so that ratios move away from 1 and clipping can happen."""
+    train = {"steps": 1, "minibatch_size": 4, "epochs_per_batch": 2, "micro_batch_size": 2}
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, algorithm=algorithm, train=train))
+    (metrics,) = read_jsonl(train_module.train(recipe) / "metrics.jsonl")
+    assert math.isfinite(metrics["loss"]) and metrics["skipped_updates"] == 0
+    assert 0.0 <= metrics["clip_ratio_region"] <= 1.0
+    assert metrics["clip_ratio_region"] == pytest.approx(metrics["clip_ratio_low"] + metrics["clip_ratio_high"])
+    assert metrics["completion_len_min"] <= metrics["completion_len_mean"] <= metrics["completion_len_max"]
+    assert 0.0 <= metrics["clipped_ratio"] <= 1.0 and metrics["reward_std"] >= 0 and metrics["reward_std_batch"] >= 0
+
+
+def first_loss(tmp_path, tiny_model_dir, name, **algorithm):
+    recipe = Recipe.model_validate(
+        tiny_recipe(tiny_model_dir, tmp_path / name, algorithm=algorithm, train={"steps": 1})
+    )
+    return read_jsonl(train_module.train(recipe) / "metrics.jsonl")[0]["loss"]
+
+
+def test_dr_grpo_aggregates_over_a_constant_by_default(tmp_path, tiny_model_dir, captured):
+    """advantage: dr_grpo is Dr. GRPO's advantage and its loss: loss_aggregation auto means constant."""
+    auto = first_loss(tmp_path, tiny_model_dir, "auto", advantage="dr_grpo")
+    constant = first_loss(tmp_path, tiny_model_dir, "constant", advantage="dr_grpo", loss_aggregation="constant")
+    sequence = first_loss(tmp_path, tiny_model_dir, "sequence", advantage="dr_grpo", loss_aggregation="sequence")
+    assert auto == constant and auto != sequence
+
+
+def test_skipping_equal_reward_groups_leaves_them_out_of_the_update(tmp_path, tiny_model_dir, captured, monkeypatch):
+    """Every completion rewarded 1: KRPO's advantages are small and positive, so the adapter moves;
+    skipping the (all-equal) groups leaves nothing to train on."""
+    monkeypatch.setattr(train_module, "get_grader", lambda name: lambda completion, reference: Grade(1.0, True, True, ""))
+
+    def lora_moved(name, skip):
+        recipe = Recipe.model_validate(tiny_recipe(
+            tiny_model_dir, tmp_path / name, algorithm={"skip_equal_reward_groups": skip}, train={"steps": 1}
+        ))
+        metrics = read_jsonl(train_module.train(recipe) / "metrics.jsonl")[0]
+        moved = any(p.abs().max() > 0 for n, p in captured["loaded"].model.named_parameters() if "lora_B" in n)
+        return moved, metrics
+
+    moved, metrics = lora_moved("kept", False)
+    assert moved and math.isfinite(metrics["loss"])
+    moved, metrics = lora_moved("skipped", True)
+    assert not moved and math.isnan(metrics["loss"]) and math.isnan(metrics["kl"]) and metrics["frac_zero_std"] == 1.0
