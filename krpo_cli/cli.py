@@ -110,7 +110,9 @@ def train(
     overrides: Annotated[
         Optional[list[str]], typer.Argument(help="key.path=value overrides, e.g. train.learning_rate=1e-5.")
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty run directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run's directory (never a folder krpo did not make).")
+    ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run from its latest checkpoint.")] = False,
     resume_from: Annotated[
         Optional[Path], typer.Option("--resume-from", help="Continue the run from this checkpoint directory.")
@@ -288,16 +290,23 @@ def eval_command(
         typer.Option(
             help="Folder for results.json and samples.jsonl. Default for a run: RUN/eval, or RUN/eval-base with "
             "--no-adapter. For a model: MODEL/eval if it is a directory, else runs/eval/NAME. An --adapter other than "
-            "the run's own adds +ITS_RUN: --adapter runs/q1/adapter gives runs/eval/NAME+q1 (or RUN/eval+q1)."
+            "the run's own adds +ITS_RUN: --adapter runs/q1/adapter gives runs/eval/NAME+q1 (or RUN/eval+q1); "
+            "--recipe R adds -with-R, --data D (or --split train) -on-D. A new or empty folder, or an earlier eval's."
         ),
     ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the results of another evaluation in the output folder "
+                     "(the same evaluation run again always replaces its own)."),
+    ] = False,
 ) -> None:
     """Score a model on a dataset with the grader training uses; writes results.json and samples.jsonl (see --output)."""
     from krpo_cli.evaluate import resolve_target, run_eval
 
     try:
-        chosen = resolve_target(target, adapter, recipe, no_adapter, output, overrides or [], trust_remote_code)
-        run_eval(chosen, data, split, limit, samples, batch_size, max_new_tokens, console=console)
+        chosen = resolve_target(target, adapter, recipe, no_adapter, output, overrides or [], trust_remote_code,
+                                data=data, split=split)
+        run_eval(chosen, data, split, limit, samples, batch_size, max_new_tokens, console=console, overwrite=overwrite)
     except KrpoError as err:
         report(err)
 
@@ -312,7 +321,9 @@ def merge_command(
     ] = "auto",
     verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check merged logits against base + adapter.")] = True,
     tolerance: Annotated[float, typer.Option(min=0.0, help="Largest allowed |Δlogit| of the float32 merge.")] = 1e-3,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a model krpo merged earlier (never a folder krpo did not make).")
+    ] = False,
     trust_remote_code: Annotated[
         bool, typer.Option("--trust-remote-code", help="Run the base model repository's own Python code (only if you trust it).")
     ] = False,

@@ -26,6 +26,7 @@ from rich.table import Table
 from krpo_cli.config import Recipe
 from krpo_cli.recipe_loading import apply_overrides, load_recipe
 from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
+from krpo_cli.eval_output import check_eval_output, evaluation_key, mark_eval_folder, output_suffix
 from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import load_reward
 from krpo_cli.rollout import generate_rollout
@@ -55,11 +56,14 @@ def resolve_target(
     output: Path | None,
     overrides: list[str] | None = None,
     trust_remote_code: bool = False,
+    data: str | None = None,
+    split: str = "test",
 ) -> EvalTarget:
     """What to evaluate: a run directory (base + its adapter), or a model (+ an adapter).
 
-    Default output folders differ for every combination, so that evaluating one base with
-    several adapters, or without one, never overwrites an earlier result. A recipe read from a
+    Default output folders differ for every combination of adapter, --recipe, --data and --split
+    (krpo_cli/eval_output.py), so that evaluating one base with several adapters, or without one,
+    or on other data, never replaces an earlier result. A recipe read from a
     folder may not run code the user did not ask for (krpo_cli/trust.py).
     """
     if no_adapter and adapter:
@@ -81,6 +85,7 @@ def resolve_target(
             name = "eval"
         else:  # another run's adapter on this run's base
             name = f"eval+{adapter_label(chosen)}"
+        name += output_suffix(recipe, data, split)
         loaded = users_settings(loaded, source, found, overrides or [], trust_remote_code, named)
         return EvalTarget(loaded.model.name_or_path, chosen, loaded, output or path / name, shown(source, overrides))
     chosen = Path(adapter) if adapter else None
@@ -100,6 +105,7 @@ def resolve_target(
     default_out = (path / "eval") if path.is_dir() else Path("runs") / "eval" / path.name
     if chosen is not None:
         default_out = default_out.with_name(f"{default_out.name}+{adapter_label(chosen)}")
+    default_out = default_out.with_name(default_out.name + output_suffix(recipe, data, split))
     return EvalTarget(target, chosen, loaded, output or default_out, shown(source, overrides))
 
 
@@ -259,14 +265,20 @@ def run_eval(
     max_new_tokens: int | None = None,
     console: Console | None = None,
     device: torch.device | None = None,
+    overwrite: bool = False,
 ) -> EvalReport:
-    """Load the model, evaluate, write results.json and samples.jsonl, print a table."""
+    """Load the model, evaluate, write results.json and samples.jsonl, print a table.
+
+    The output folder is checked first (krpo_cli/eval_output.py): results of another evaluation
+    there are replaced only with `overwrite`."""
     console = console or Console()
     started = time.perf_counter()
     recipe = target.recipe
     rows, dataset_name = load_eval_rows(data, recipe.data, split)
     if limit is not None:
         rows = rows[:limit]
+    key = evaluation_key(target, dataset_name, limit, samples, max_new_tokens)
+    check_eval_output(target.output_dir, key, overwrite)
     check_writable(target.output_dir)  # before a model download, not after
     note = stopped_run_note(target.adapter) if target.adapter is not None else None
     if note:
@@ -283,6 +295,7 @@ def run_eval(
     # Made once the model has loaded (a mistyped model leaves no empty folder), before the long part.
     try:
         target.output_dir.mkdir(parents=True, exist_ok=True)
+        mark_eval_folder(target.output_dir)
     except OSError as err:
         raise ModelError(f"cannot write the output directory '{target.output_dir}': {err.strerror or err}") from None
     torch.manual_seed(recipe.run.seed)
@@ -307,6 +320,7 @@ def run_eval(
         "adapter": str(target.adapter) if target.adapter else None,
         "dataset": dataset_name,
         "num_questions": len(rows),
+        "evaluation": key,  # what a later eval into this folder is compared with
         "settings": {
             "grader": recipe.reward.grader if not recipe.reward.graders else list(recipe.reward.graders)[0],
             **({"graders": recipe.reward.graders} if recipe.reward.graders else {}),

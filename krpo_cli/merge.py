@@ -16,6 +16,7 @@ weights (closer to the unquantized base, but not the function that was trained).
 from __future__ import annotations
 
 import json
+import secrets
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from krpo_cli.evaluate import load_adapter
 from krpo_cli.log_probs import position_ids_from_mask
 from krpo_cli.models import ModelError, load_base, quiet_libraries, short
 from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info, stopped_run_note
+from krpo_cli.run_dir import MARKER, MERGED_KIND, check_own_output, remove_own_output, write_marker
 from krpo_cli.trust import Consent, refuse_remote_code
 
 VERIFY_PROMPTS = 4
@@ -40,17 +42,49 @@ class MergeError(ModelError):
     """The merge cannot be done or did not verify."""
 
 
+NOT_A_MODEL_HINT = "choose another --out, or remove the folder yourself"
+
+
 def check_output_dir(out: Path, adapter_dir: Path, run_dir: Path | None, overwrite: bool) -> Path:
-    """Refuse outputs that would destroy the inputs or cannot be a directory."""
+    """Refuse outputs that would destroy the inputs, lie inside them (a run's merged model goes to
+    RUN/merged only), or hold anything but a model krpo merged (replaced only with `overwrite`)."""
     out = out.resolve()
-    for protected in filter(None, (adapter_dir.resolve(), run_dir.resolve() if run_dir else None)):
+    adapter = adapter_dir.resolve()
+    for protected in filter(None, (adapter, run_dir.resolve() if run_dir else None)):
         if out == protected or protected.is_relative_to(out):
             raise MergeError(f"--out '{out}' would overwrite the adapter or run it merges; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise MergeError(f"--out '{out}' exists and is not a directory")
+    if out.is_relative_to(adapter):
+        raise MergeError(f"--out '{out}' is inside the adapter it merges; choose a folder outside it")
+    if run_dir is not None and out.is_relative_to(run_dir.resolve()) and out != (run_dir / MERGED).resolve():
+        raise MergeError(
+            f"--out '{out}' is inside the run '{run_dir}', whose merged model goes to '{run_dir / MERGED}'; "
+            "omit --out, or choose a folder outside the run"
+        )
+    check_own_output(out, MERGED_KIND, NOT_A_MODEL_HINT)
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MergeError(f"output directory '{out}' is not empty; pass --overwrite to replace it")
+        raise MergeError(f"output directory '{out}' holds a model krpo merged; pass --overwrite to replace it")
     return out
+
+
+def staging_dir(out: Path) -> Path:
+    """A new folder beside `out` that the model is written into, then renamed to `out`; marked as
+    krpo's at once (a merge that is killed leaves a folder that --overwrite of its run may remove)."""
+    staging = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # a new name: never a folder someone else made
+        write_marker(staging, MERGED_KIND)
+    except OSError as err:
+        raise MergeError(f"cannot write the output directory '{out}': {err.strerror or err}") from None
+    return staging
+
+
+def replace_output(staging: Path, out: Path) -> None:
+    """Lists what the merge wrote in the marker, then puts the staging folder in place of `out`
+    (a model krpo merged, checked again just before it is deleted)."""
+    write_marker(staging, MERGED_KIND, files=[path.name for path in staging.iterdir() if path.name != MARKER])
+    remove_own_output(out, MERGED_KIND, NOT_A_MODEL_HINT)
+    staging.rename(out)
 
 
 def nf4_round_trip(model, compute_dtype: torch.dtype) -> int:
@@ -187,8 +221,7 @@ def merge(
     diff_fp32 = check_merged(merged, inputs, reference, tolerance) if verify else None
     merged = merged.to(out_dtype)
 
-    staging = out.with_name(out.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = staging_dir(out)
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
@@ -220,9 +253,7 @@ def merge(
     }
     (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     share_like_new_files(staging, like=staging / "merge_info.json")
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+    replace_output(staging, out)
     if verify:
         console.print(
             f"verified: max |Δlogit| merged (fp32) vs base + adapter = {diff_fp32:.2e}; "

@@ -14,7 +14,13 @@ runs/<name>/
   checkpoints/abandoned-<time>/   what a resume from an earlier checkpoint set aside: later checkpoints, adapter, log lines
   eval/                  krpo eval's results
   merged/                krpo merge's standalone model, which keeps the recipe as krpo_recipe.yaml
+  .krpo                  the marker: krpo made this folder (also in every merged model and eval folder)
 ```
+
+`--overwrite` replaces only what krpo made (`check_own_output`): an empty folder, or one that
+carries krpo's marker of the right kind and holds nothing but what krpo writes there. Folders
+made before krpo wrote markers are recognised by their layout: a run by recipe.yaml and
+run_info.json, a merged model by merge_info.json and model files, an eval folder by results.json.
 
 An adapter is found back to its run from `RUN/adapter` or `RUN/checkpoints/step_N/adapter`:
 the run's recipe holds the prompt and grader the adapter learned with.
@@ -31,6 +37,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from krpo_cli import __version__
 from krpo_cli.config import Recipe
 from krpo_cli.recipe_loading import recipe_to_yaml
 from krpo_cli.recipe_yaml import load_yaml
@@ -45,7 +52,25 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 MERGED = "merged"
 RECIPE_IN_MODEL_DIR = "krpo_recipe.yaml"  # written by `krpo merge` so a merged model keeps its prompt and grader
+TENSORBOARD = "tensorboard"  # output.log_to: tensorboard
+WANDB = "wandb"  # output.log_to: wandb (its local files)
+WANDB_ID_FILE = "wandb_run_id.txt"
+EVAL_RESULTS = "results.json"  # in an eval folder, with samples.jsonl
 _STEP_DIR = re.compile(r"step_(\d{6,})")
+
+# The marker krpo writes into every folder it makes as output: what made it, and krpo's version.
+MARKER = ".krpo"
+RUN_KIND, MERGED_KIND, EVAL_KIND = "run", "merged model", "eval"
+_KIND_NOUN = {RUN_KIND: "a run directory", MERGED_KIND: "a merged model", EVAL_KIND: "an eval folder"}
+# Every name krpo writes at the top of a run directory; an eval folder of any name is checked as one.
+_RUN_LAYOUT = {MARKER, RECIPE, RECIPE_ORIGINAL, RUN_INFO, METRICS, SAMPLES, ADAPTER, CHECKPOINTS, MERGED,
+               TENSORBOARD, WANDB, WANDB_ID_FILE}
+# What `krpo merge` wrote before merged models carried a marker: weights, config, tokenizer, merge_info.json, the recipe.
+_MERGED_FILE = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|merge_info"
+    r"|model\.safetensors\.index)\.json|model(-\d+-of-\d+)?\.safetensors|merges\.txt|tokenizer\.model"
+    r"|chat_template\.(jinja|json)|" + re.escape(RECIPE_IN_MODEL_DIR)
+)
 
 
 class RunDirError(KrpoError):
@@ -145,6 +170,115 @@ def write_run_info(run_dir: Path, info: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# What krpo made: the marker, and the only folders krpo replaces
+
+def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> None:
+    """Marks `folder` as krpo's output of `kind` (run, merged model, eval); `files`: every name krpo wrote in it."""
+    record = {"made_by": "krpo", "kind": kind, "version": __version__}
+    if files is not None:
+        record["files"] = sorted(files)
+    (folder / MARKER).write_text(json.dumps(record) + "\n", encoding="utf-8")
+
+
+def read_marker(folder: Path) -> dict:
+    """The folder's marker record ({} when it has none, or not one krpo wrote)."""
+    try:
+        record = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("made_by") == "krpo" else {}
+
+
+def _json_keys(path: Path) -> set:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    return set(record) if isinstance(record, dict) else set()
+
+
+def is_eval_folder(folder: Path) -> bool:
+    """krpo eval's output: marked so, or (made before markers) holding krpo's results.json."""
+    return read_marker(folder).get("kind") == EVAL_KIND or {"metrics", "settings"} <= _json_keys(folder / EVAL_RESULTS)
+
+
+def _krpo_subfolder(path: Path) -> bool:
+    """A folder inside a run or merged model that krpo made: an eval folder, a merge's staging folder."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return bool(read_marker(path)) or is_eval_folder(path) or (path.name.startswith("eval") and not any(path.iterdir()))
+
+
+def _quoted(names: list[str]) -> str:
+    shown = ", ".join(f"'{name}'" for name in names[:3])
+    return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _what_it_is(folder: Path, names: list[str]) -> str:
+    marker = read_marker(folder)
+    if marker:
+        return f"it is {_KIND_NOUN.get(marker.get('kind'), 'a folder')} krpo made"
+    if (folder / RECIPE).is_file():
+        return "it is a run directory"
+    for name, what in (("trainer_state.pt", "a training checkpoint"), ("adapter_config.json", "a LoRA adapter"),
+                       ("config.json", "a model")):
+        if (folder / name).is_file():
+            return f"it is {what}"
+    return f"it holds {_quoted(names)}"
+
+
+def not_own_output(folder: Path, kind: str) -> str | None:
+    """Why the existing directory `folder` is not krpo's own output of `kind` (None when it is, or is empty).
+
+    Own output: marked with `kind`, or made before markers (a run: recipe.yaml and run_info.json; a
+    merged model: krpo's merge_info.json; an eval folder: krpo's results.json); and holding only
+    names krpo writes there (a merged model: those its marker lists), or folders krpo made.
+    Other files in an eval folder do not matter: krpo eval writes only its two files there.
+    """
+    names = sorted(path.name for path in folder.iterdir())
+    if not names:
+        return None
+    marker = read_marker(folder)
+    if kind == EVAL_KIND:
+        return None if is_eval_folder(folder) else _what_it_is(folder, names)
+    if marker.get("kind", kind) != kind:
+        return _what_it_is(folder, names)
+    if kind == RUN_KIND:
+        known = marker or ((folder / RECIPE).is_file() and (folder / RUN_INFO).is_file())
+        allowed = _RUN_LAYOUT.__contains__
+    else:
+        known = marker or "merge_dtype" in _json_keys(folder / "merge_info.json")
+        listed = set(marker.get("files") or ()) | {MARKER}
+        allowed = listed.__contains__ if marker else lambda name: bool(_MERGED_FILE.fullmatch(name))
+    if not known:
+        return _what_it_is(folder, names)
+    foreign = [name for name in names if not (allowed(name) or _krpo_subfolder(folder / name))]
+    return f"it holds what krpo did not write there: {_quoted(foreign)}" if foreign else None
+
+
+def check_own_output(folder: Path, kind: str, instead: str) -> None:
+    """Refuses `folder` as the place of a new output of `kind` unless it does not exist, is empty or is
+    krpo's own output of that kind (see not_own_output); `instead` says what to do."""
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise RunDirError(f"'{folder}' exists and is not a directory: {instead}")
+    reason = not_own_output(folder, kind)
+    if reason:
+        verb = "written into" if kind == EVAL_KIND else "replaced"
+        raise RunDirError(f"'{folder}' is not {_KIND_NOUN[kind]} krpo made ({reason}), so it is not {verb}: {instead}")
+
+
+def remove_own_output(folder: Path, kind: str, instead: str) -> None:
+    """Deletes `folder`, checked again just before (see check_own_output): krpo deletes only what it made."""
+    if folder.is_symlink():
+        raise RunDirError(f"'{folder}' is a symbolic link, so it is not replaced: {instead}")
+    check_own_output(folder, kind, instead)
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------------
 # Starting a run
 
 def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
@@ -154,19 +288,26 @@ def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
         raise RunDirError(f"run directory '{run_dir}' exists and is not a directory")
     if resume and overwrite:
         raise RunDirError("--resume and --overwrite contradict each other; choose one")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (overwrite or resume):
-        raise RunDirError(
-            f"run directory '{run_dir}' is not empty; pass --resume to continue it or --overwrite to replace it"
-        )
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        check_own_output(run_dir, RUN_KIND, NOT_A_RUN_HINT)  # a folder that is not a run is never replaced
+        if not overwrite:
+            raise RunDirError(
+                f"run directory '{run_dir}' is not empty; pass --resume to continue it or --overwrite to replace it"
+            )
     return run_dir
 
 
+NOT_A_RUN_HINT = "choose another run.name or run.output_dir, or remove the folder yourself"
+
+
 def prepare_run_dir(run_dir: Path, recipe: Recipe, recipe_text: str) -> Path:
-    """Create the run directory (replacing an old run) and save the recipe as written and as resolved."""
+    """Create the run directory (replacing an old run, checked again) and mark it as krpo's; save the
+    recipe as written and as resolved."""
     try:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            remove_own_output(run_dir, RUN_KIND, NOT_A_RUN_HINT)
         run_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(run_dir, RUN_KIND)
         save_resolved_recipe(run_dir, recipe)
         (run_dir / RECIPE_ORIGINAL).write_text(recipe_text, encoding="utf-8")
     except OSError as err:

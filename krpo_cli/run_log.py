@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 
 from krpo_cli.errors import KrpoError
+from krpo_cli.run_dir import TENSORBOARD, WANDB_ID_FILE
 
 
 def counted(number: int, noun: str) -> str:
@@ -46,8 +47,6 @@ INSTALL_HINTS = {
     "tensorboard": "pip install tensorboard  (or pip install 'krpo[tensorboard]')",
     "wandb": "pip install wandb  (or pip install 'krpo[wandb]')",
 }
-WANDB_ID_FILE = "wandb_run_id.txt"
-
 
 class LoggingBackendError(KrpoError):
     """A logging backend the recipe asks for is not installed or cannot start."""
@@ -103,7 +102,7 @@ class MetricsLogger:
         if "tensorboard" in log_to:
             SummaryWriter = _import_backend("tensorboard")
             self.tensorboard = SummaryWriter(
-                log_dir=str(run_dir / "tensorboard"), purge_step=first_step if first_step > 1 else None
+                log_dir=str(run_dir / TENSORBOARD), purge_step=first_step if first_step > 1 else None
             )
         if "wandb" in log_to:
             self.wandb_run = self._start_wandb(run_dir, recipe, first_step)

@@ -46,8 +46,10 @@ def test_merge_refuses_nonempty_output(tmp_path, adapter_dir):
     out = tmp_path / "merged"
     out.mkdir()
     (out / "something").write_text("x")
-    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out)])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    for flags in ([], ["--overwrite"]):  # a folder that is not a model krpo merged is never replaced
+        result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out), *flags])
+        assert result.exit_code == 2 and "is not a merged model krpo made (it holds 'something')" in result.output
+        assert (out / "something").read_text() == "x"
 
 
 def test_nf4_round_trip_changes_the_base_but_stays_consistent(tmp_path, adapter_dir):
