@@ -64,7 +64,7 @@ RUN_KIND, MERGED_KIND, EVAL_KIND = "run", "merged model", "eval"
 _KIND_NOUN = {RUN_KIND: "a run directory", MERGED_KIND: "a merged model", EVAL_KIND: "an eval folder"}
 # Every name krpo writes at the top of a run directory; an eval folder of any name is checked as one.
 _RUN_LAYOUT = {MARKER, RECIPE, RECIPE_ORIGINAL, RUN_INFO, METRICS, SAMPLES, ADAPTER, CHECKPOINTS, MERGED,
-               TENSORBOARD, WANDB, WANDB_ID_FILE}
+               TENSORBOARD, WANDB, WANDB_ID_FILE, f"{MERGED}.tmp"}  # merged.tmp: where krpo merge once staged
 # What `krpo merge` wrote before merged models carried a marker: weights, config, tokenizer, merge_info.json, the recipe.
 _MERGED_FILE = re.compile(
     r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens|vocab|merge_info"

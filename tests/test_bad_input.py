@@ -96,6 +96,15 @@ CASES = {
     "merge a plain directory": lambda w: (["merge", str(w["root"] / "no-config")], "neither a run directory"),
     "merge bad dtype": lambda w: (["merge", str(w["run_dir"]), "--dtype", "int8"], "--dtype"),
     "merge over its input": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["run_dir"]), "--overwrite"], "would overwrite"),
+    # Folders krpo did not make are never replaced or written into, with or without --overwrite.
+    "train --overwrite over a model": lambda w: (["train", recipe_file(w, "om", run={"output_dir": str(w["root"]), "name": "other-base"}),
+                                                  "--overwrite"], "is not a run directory krpo made (it is a model)"),
+    "merge --overwrite over a model": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["other"]), "--overwrite"],
+                                                 "is not a merged model krpo made (it is a model)"),
+    "merge into the run's checkpoints": lambda w: (["merge", str(w["run_dir"]), "--out", str(w["run_dir"] / "checkpoints"), "--overwrite"],
+                                                   "is inside the run"),
+    "eval output is the run": lambda w: (["eval", str(w["run_dir"]), "--output", str(w["run_dir"])],
+                                         "is not an eval folder krpo made (it is a run directory krpo made)"),
     "arithmetic bad split": lambda w: (["data", "arithmetic", "--split", "dev"], "split"),
     # Hostile YAML: each must finish, with one line and no RecursionError.
     "alias bomb": lambda w: (["validate", text_file(w, "bomb.yaml", ALIAS_BOMB)], "more than 100,000 values, counting each alias"),
