@@ -230,7 +230,7 @@ def _what_it_is(folder: Path, names: list[str]) -> str:
 def not_own_output(folder: Path, kind: str) -> str | None:
     """Why the existing directory `folder` is not krpo's own output of `kind` (None when it is, or is empty).
 
-    Own output: marked with `kind`, or made before markers (a run: recipe.yaml and run_info.json; a
+    Own output: marked with `kind`, or made before markers (a run: recipe.yaml and krpo's run_info.json; a
     merged model: krpo's merge_info.json; an eval folder: krpo's results.json); and holding only
     names krpo writes there (a merged model: those its marker lists), or folders krpo made.
     Other files in an eval folder do not matter: krpo eval writes only its two files there.
@@ -244,7 +244,7 @@ def not_own_output(folder: Path, kind: str) -> str | None:
     if marker.get("kind", kind) != kind:
         return _what_it_is(folder, names)
     if kind == RUN_KIND:
-        known = marker or ((folder / RECIPE).is_file() and (folder / RUN_INFO).is_file())
+        known = marker or ((folder / RECIPE).is_file() and {"quantization", "dtype"} <= _json_keys(folder / RUN_INFO))
         allowed = _RUN_LAYOUT.__contains__
     else:
         known = marker or "merge_dtype" in _json_keys(folder / "merge_info.json")

@@ -73,8 +73,9 @@ def legacy_run(folder):
     (folder / "checkpoints" / "step_000001").mkdir(parents=True)
     (folder / "eval").mkdir()
     (folder / "eval" / "results.json").write_text(json.dumps({"metrics": {}, "settings": {}}))
-    for name in ("recipe.yaml", "recipe.original.yaml", "run_info.json", "metrics.jsonl", "samples.jsonl"):
+    for name in ("recipe.yaml", "recipe.original.yaml", "metrics.jsonl", "samples.jsonl"):
         (folder / name).write_text("{}\n")
+    (folder / "run_info.json").write_text(json.dumps({"quantization": "none", "dtype": "float32", "device": "cpu"}))
     return folder
 
 
@@ -89,10 +90,18 @@ DECOYS = {
     "a krpo run with the user's notes added": (lambda f: plant_user_files(legacy_run(f)), "'notes.txt', 'photos'"),
     "a marked run with the user's notes added": (lambda f: plant_user_files(marked(f, "run")), "'notes.txt', 'photos'"),
     "run files but no run_info.json": (lambda f: (legacy_run(f) / "run_info.json").unlink() or f, "it is a run directory"),
+    "the user's own recipe.yaml and run_info.json": (lambda f: user_files_named_like_a_run(f), "it is a run directory"),
     "a merged model krpo made": (lambda f: marked(f, "merged model"), "it is a merged model krpo made"),
     "an adapter": (lambda f: make_adapter_files(f), "it is a LoRA adapter"),
     "an eval folder named like the user's": (lambda f: plant_user_files(f / "eval") and f, "'eval'"),
 }
+
+
+def user_files_named_like_a_run(folder):
+    folder.mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("title: my cake recipe\n")
+    (folder / "run_info.json").write_text('{"distance_km": 10}')
+    return folder
 
 
 def make_adapter_files(folder):
