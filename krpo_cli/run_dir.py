@@ -203,10 +203,12 @@ def is_eval_folder(folder: Path) -> bool:
 
 
 def _krpo_subfolder(path: Path) -> bool:
-    """A folder inside a run or merged model that krpo made: an eval folder, a merge's staging folder."""
+    """A folder inside a run or merged model that krpo made: an eval folder, a merge's staging folder
+    (not another run: a run named inside a run, run.name=a/b, is not replaced with run a)."""
     if path.is_symlink() or not path.is_dir():
         return False
-    return bool(read_marker(path)) or is_eval_folder(path) or (path.name.startswith("eval") and not any(path.iterdir()))
+    return (read_marker(path).get("kind") in (EVAL_KIND, MERGED_KIND) or is_eval_folder(path)
+            or (path.name.startswith("eval") and not any(path.iterdir())))
 
 
 def _quoted(names: list[str]) -> str:

@@ -155,6 +155,8 @@ def test_what_counts_as_krpo_output(tmp_path):
     assert not_own_output(legacy_run(tmp_path / "old"), "run") is None
     (tmp_path / "old" / "merged.tmp").mkdir()  # where an earlier krpo merge staged its model
     assert not_own_output(tmp_path / "old", "run") is None
+    marked(tmp_path / "old" / "nested", "run")  # run.name=old/nested: another run, not replaced with this one
+    assert not_own_output(tmp_path / "old", "run") == "it holds what krpo did not write there: 'nested'"
     assert not_own_output(marked(tmp_path / "new", "run"), "run") is None
     assert not_own_output(marked(tmp_path / "m", "merged model"), "run") == "it is a merged model krpo made"
     (tmp_path / "empty").mkdir()
