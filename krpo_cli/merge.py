@@ -32,7 +32,7 @@ from krpo_cli.evaluate import load_adapter
 from krpo_cli.log_probs import position_ids_from_mask
 from krpo_cli.models import ModelError, load_base, quiet_libraries, short
 from krpo_cli.run_dir import MERGED, RECIPE, RECIPE_IN_MODEL_DIR, find_adapter, read_run_info, stopped_run_note
-from krpo_cli.run_dir import MARKER, MERGED_KIND, check_own_output, remove_own_output, write_marker
+from krpo_cli.run_dir import MARKER, MERGED_KIND, check_own_output, enclosing_run, remove_own_output, write_marker
 from krpo_cli.trust import Consent, refuse_remote_code
 
 VERIFY_PROMPTS = 4
@@ -46,8 +46,9 @@ NOT_A_MODEL_HINT = "choose another --out, or remove the folder yourself"
 
 
 def check_output_dir(out: Path, adapter_dir: Path, run_dir: Path | None, overwrite: bool) -> Path:
-    """Refuse outputs that would destroy the inputs, lie inside them (a run's merged model goes to
-    RUN/merged only), or hold anything but a model krpo merged (replaced only with `overwrite`)."""
+    """Refuse outputs that would destroy the inputs, lie inside the adapter or inside a run (a run's
+    merged model goes to RUN/merged only), or hold anything but a model krpo merged (replaced only
+    with `overwrite`)."""
     out = out.resolve()
     adapter = adapter_dir.resolve()
     for protected in filter(None, (adapter, run_dir.resolve() if run_dir else None)):
@@ -55,10 +56,11 @@ def check_output_dir(out: Path, adapter_dir: Path, run_dir: Path | None, overwri
             raise MergeError(f"--out '{out}' would overwrite the adapter or run it merges; choose another directory")
     if out.is_relative_to(adapter):
         raise MergeError(f"--out '{out}' is inside the adapter it merges; choose a folder outside it")
-    if run_dir is not None and out.is_relative_to(run_dir.resolve()) and out != (run_dir / MERGED).resolve():
+    holder = enclosing_run(out)
+    if holder is not None and not (run_dir is not None and holder == run_dir.resolve() and out == holder / MERGED):
         raise MergeError(
-            f"--out '{out}' is inside the run '{run_dir}', whose merged model goes to '{run_dir / MERGED}'; "
-            "omit --out, or choose a folder outside the run"
+            f"--out '{out}' is inside the run '{holder}', which holds only its own merged model, in "
+            f"'{holder / MERGED}'; choose a folder outside the run"
         )
     check_own_output(out, MERGED_KIND, NOT_A_MODEL_HINT)
     if out.exists() and any(out.iterdir()) and not overwrite:

@@ -271,6 +271,14 @@ def check_own_output(folder: Path, kind: str, instead: str) -> None:
         raise RunDirError(f"'{folder}' is not {_KIND_NOUN[kind]} krpo made ({reason}), so it is not {verb}: {instead}")
 
 
+def enclosing_run(path: Path) -> Path | None:
+    """The run directory that `path` lies inside (not `path` itself), if any."""
+    for folder in path.parents:
+        if is_run_dir(folder) or read_marker(folder).get("kind") == RUN_KIND:
+            return folder
+    return None
+
+
 def remove_own_output(folder: Path, kind: str, instead: str) -> None:
     """Deletes `folder`, checked again just before (see check_own_output): krpo deletes only what it made."""
     if folder.is_symlink():

@@ -184,6 +184,14 @@ def test_merge_out_inside_the_run_is_refused(trained, inside):
     assert snapshot(trained) == before
 
 
+def test_merge_out_inside_another_run_is_refused(tmp_path, trained):
+    other = marked(tmp_path / "runs" / "other", "run")
+    for out in (other / "merged", other / "checkpoints" / "x"):
+        line = refusal(runner.invoke(app, ["merge", str(trained), "--out", str(out)]))
+        assert f"is inside the run '{other}', which holds only its own merged model" in line
+    assert sorted(p.name for p in other.iterdir()) == [MARKER]
+
+
 def test_merge_out_inside_the_adapter_is_refused(tmp_path, tiny_model_dir):
     adapter = make_adapter(tiny_model_dir, tmp_path / "adapter")
     before = snapshot(adapter)
