@@ -387,8 +387,8 @@ def follow_moved_run(recipe_file: str, recipe: Recipe, overrides: list[str]) -> 
     when the run was moved or renamed since (its run.output_dir/run.name name the old place), unless the
     overrides set run.name or run.output_dir."""
     path = Path(recipe_file)
-    if path.name != RECIPE or not (path.parent / CHECKPOINTS).is_dir():
-        return recipe
+    if path.name != RECIPE or not (path.parent / RUN_INFO).is_file() or not list_checkpoints(path.parent):
+        return recipe  # not a run's recipe.yaml beside its checkpoints
     if any(o.split("=", 1)[0].strip() in ("run.name", "run.output_dir") for o in overrides):
         return recipe
     holder = Path(os.path.abspath(path.parent))

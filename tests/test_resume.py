@@ -385,3 +385,17 @@ def test_checkpoint_due_by_steps_or_by_rank_0s_clock():
     other_rank = SimpleNamespace(is_main=False, any=lambda flag: asked.append(flag) or False)
     assert not train_module.checkpoint_due(run(10, other_rank), 3, now - 601)  # its own clock does not decide
     assert asked == [False]  # every rank takes part in the collective, with rank 0's answer
+
+
+def test_only_a_runs_own_recipe_yaml_follows_the_run(tmp_path, tiny_model_dir):
+    from krpo_cli.run_dir import follow_moved_run
+
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path / "runs"))
+    folder = tmp_path / "project"
+    (folder / "checkpoints" / "step_000001").mkdir(parents=True)
+    (folder / "recipe.yaml").write_text("")
+    assert follow_moved_run(str(folder / "recipe.yaml"), recipe, []) is recipe  # no run_info.json: a user's folder
+    (folder / "run_info.json").write_text("{}")
+    moved = follow_moved_run(str(folder / "recipe.yaml"), recipe, [])
+    assert (moved.run.output_dir, moved.run.name) == (str(tmp_path), "project")
+    assert follow_moved_run(str(folder / "recipe.yaml"), recipe, ["run.name=other"]) is recipe  # the user's choice wins
