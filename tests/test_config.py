@@ -319,3 +319,13 @@ def test_the_arithmetic_system_prompt_is_the_paper_codes_word_for_word():
     )
     assert PAPER_SYSTEM_PROMPT == paper and DataSettings().system_prompt == paper
     assert load_recipe("arithmetic-normal")[0].data.system_prompt == paper
+
+
+def test_the_paper_recipe_sets_the_paper_codes_choices():
+    recipe = load_recipe("paper")[0]
+    alg = recipe.algorithm
+    assert (alg.advantage, alg.group_size, alg.clip_range, alg.kl_beta, alg.aggregation) == ("krpo", 12, (0.2, 0.2), 0.01, "sequence")
+    assert alg.mask_eos and alg.kalman.eps_placement == "std"
+    assert (recipe.train.steps, recipe.train.prompts_per_step, recipe.train.minibatch_size) == (1870, 32, 16)
+    assert recipe.train.learning_rate == 5e-6 and recipe.generation.top_k == 50
+    assert recipe.model.name_or_path == "meta-llama/Llama-3.2-1B-Instruct" and recipe.data.difficulty == "normal"
