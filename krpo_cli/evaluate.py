@@ -10,7 +10,6 @@ difficulty, num_terms, num_digits).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import load_reward
 from krpo_cli.rollout import generate_rollout
 from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
-from krpo_cli.run_dir import run_adapter, stopped_run_note
+from krpo_cli.run_dir import check_writable, run_adapter, stopped_run_note
 from krpo_cli.run_log import JsonlWriter, counted
 from krpo_cli.trust import consent_of, refuse_folder_code
 
@@ -246,15 +245,6 @@ def breakdown(records: list[dict], columns: list[str]) -> dict:
     return result
 
 
-def check_writable(folder: Path) -> None:
-    """Refuses an output folder that cannot be made or written, without making it."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ModelError(f"cannot write the output directory '{folder}': '{existing}' is not a writable directory")
-
-
 def run_eval(
     target: EvalTarget,
     data: str | None = None,
@@ -279,7 +269,7 @@ def run_eval(
         rows = rows[:limit]
     key = evaluation_key(target, dataset_name, limit, samples, max_new_tokens)
     check_eval_output(target.output_dir, key, overwrite)
-    check_writable(target.output_dir)  # before a model download, not after
+    check_writable(target.output_dir, "output directory")  # before a model download, not after
     note = stopped_run_note(target.adapter) if target.adapter is not None else None
     if note:
         console.print(note, highlight=False, markup=False, soft_wrap=True)

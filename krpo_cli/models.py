@@ -21,10 +21,12 @@ import importlib.util
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from rich.markup import escape
 
 from krpo_cli.errors import KrpoError
 from krpo_cli.hub import hub_reachable, in_hub_cache, missing_model_message
@@ -401,17 +403,18 @@ def load_base(
     """A base model and its tokenizer, as the recipe keys model.* describe them: the one way krpo's
     commands and benchmarks load a base. `quantization` and `dtype` may be "auto" (see
     `resolve_quantization`, `resolve_dtype`); `device` defaults to CUDA where there is one.
-    With a (Rich) `console`, what is about to load is printed there first: loading takes seconds."""
+    With a (Rich) `console` on a terminal, what is loading is shown while it loads (seconds) and then
+    cleared: the caller's header says what loaded, and an error while loading stays one line."""
     quiet_libraries()
     device = device or pick_device()
     quantization = resolve_quantization(quantization, device)
     dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
     path = resolve_model_path(name_or_path)
-    if console is not None:
-        console.print(loading_line(name_or_path, path, quantization, dtype, device), highlight=False, markup=False,
-                      soft_wrap=True)
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    model = load_base_model(path, quantization, dtype, device, trust_remote_code)
+    showing = console is not None and console.is_terminal
+    status = console.status(escape(loading_line(name_or_path, path, quantization, dtype, device))) if showing else nullcontext()
+    with status:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        model = load_base_model(path, quantization, dtype, device, trust_remote_code)
     known_as = portable_name(name_or_path)
     if known_as is not None:  # what an adapter trained on it records as its base, not this machine's cache path
         model.name_or_path = model.config.name_or_path = known_as

@@ -291,6 +291,16 @@ def remove_own_output(folder: Path, kind: str, instead: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Starting a run
 
+def check_writable(folder: Path, what: str) -> None:
+    """Refuses a folder (`what`: 'run directory', 'output directory') that cannot be made or written,
+    without making it: checked before a model loads, not after."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise RunDirError(f"cannot write the {what} '{folder}': '{existing}' is not a writable directory")
+
+
 def check_run_dir(recipe: Recipe, overwrite: bool, resume: bool) -> Path:
     """The run directory, refused early (before any loading) if it holds another run."""
     run_dir = run_dir_of(recipe)

@@ -21,8 +21,8 @@ are the current policy's, detached, which is exactly what a stored copy would ho
 from __future__ import annotations
 
 import errno
-import os
 import math
+import os
 import random
 import shutil
 import signal
@@ -56,6 +56,7 @@ from krpo_cli.run_dir import (
     CheckpointError,
     check_resumable,
     check_run_dir,
+    check_writable,
     find_resume_checkpoint,
     list_checkpoints,
     logged_rewards,
@@ -300,6 +301,7 @@ def check_before_loading(recipe: Recipe, overwrite: bool, resume: str | bool) ->
     """
     opt = recipe.train
     run_dir = check_run_dir(recipe, overwrite, bool(resume))
+    check_writable(run_dir, "run directory")
     checkpoint = summary = None
     if resume:
         checkpoint = find_resume_checkpoint(run_dir, resume)

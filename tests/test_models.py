@@ -1,4 +1,6 @@
+import contextlib
 import os
+import shutil
 
 import pytest
 import torch
@@ -229,20 +231,46 @@ def test_quiet_libraries_silences_the_bitsandbytes_cpu_kernel_notice():
     assert logging.getLogger("bitsandbytes.optim").isEnabledFor(logging.WARNING)  # other notices stay
 
 
-def test_what_loads_is_printed_before_the_weights_load(tiny_model_dir, monkeypatch):
-    from rich.console import Console
+def test_what_loads_is_shown_on_a_terminal_while_the_weights_load(tiny_model_dir, monkeypatch):
+    class Terminal:  # a console on a terminal: shows a status while its block runs
+        is_terminal = True
+        shown: list = []
+        active = False
 
-    console = Console(width=80, record=True)
-    printed_before = []
+        @contextlib.contextmanager
+        def status(self, text):
+            Terminal.shown.append(text)
+            Terminal.active = True
+            yield
+            Terminal.active = False
+
+    active_while_loading = []
     load_weights = models.load_base_model
 
     def recording(*args, **kwargs):
-        printed_before.append(console.export_text(clear=False))
+        active_while_loading.append(Terminal.active)
         return load_weights(*args, **kwargs)
 
     monkeypatch.setattr(models, "load_base_model", recording)
+    models.load_base(str(tiny_model_dir), "auto", "float32", CPU, console=Terminal())
+    assert Terminal.shown == [f"loading model {tiny_model_dir} · quantization none · float32 · cpu …"]
+    assert active_while_loading == [True] and not Terminal.active
+
+
+def test_the_loading_line_is_not_left_in_a_log_or_before_an_error(tiny_model_dir, tmp_path):
+    """Not on a terminal nothing is printed (the header after loading says what loaded), so an error
+    while loading, such as a damaged weights file, is the only line a user sees."""
+    from rich.console import Console
+
+    console = Console(width=80, record=True)
     models.load_base(str(tiny_model_dir), "auto", "float32", CPU, console=console)
-    assert printed_before == [f"loading model {tiny_model_dir} · quantization none · float32 · cpu …\n"]
+    assert console.export_text() == ""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_model_dir, damaged)
+    (damaged / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(Exception):
+        models.load_base(str(damaged), "auto", "float32", CPU, console=console)
+    assert console.export_text() == ""
 
 
 def test_an_adapter_on_the_embedded_model_names_it_portably_and_loads_back(tiny_model_dir, tmp_path, monkeypatch):
