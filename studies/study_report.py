@@ -91,6 +91,7 @@ def draw_curves(task: str, arms: dict, path: Path) -> Path:
             ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
                             color=colour, alpha=BAND_ALPHA, linewidth=0)
         ax.set_title(title)
+        ax.set_ylim(-0.02, 1.02)  # the quickstart's reward and any accuracy lie in [0, 1]: panels comparable
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)

@@ -208,7 +208,7 @@ def test_grid_names_known_tasks_and_arms():
     assert set(GRID) <= set(estimators.TASKS)
     assert all(set(arms) <= set(estimators.ARMS) for arms in GRID.values())
     assert GRID["one_digit"]["krpo"] >= 8 and GRID["one_digit"]["grpo"] >= 8
-    assert GRID["two_digit"]["krpo"] >= 8 and GRID["two_digit"]["grpo"] >= 8
+    assert GRID[estimators.HARDER_TASK]["krpo"] >= 8 and GRID[estimators.HARDER_TASK]["grpo"] >= 8
 
 
 def test_smoke_study_end_to_end_with_a_tiny_model(tmp_path, tiny_model_dir, monkeypatch):
