@@ -12,7 +12,7 @@ from rich.console import Console
 
 from krpo_cli.compare import Run, Smoothing, seed_band
 from studies import estimators
-from studies.estimators import GRID, SIZES, StudyError, operand_problems, plan_runs, run_state
+from studies.estimators import GRID, SIZES, operand_problems, plan_runs, run_state
 from studies.stats import mean_std, paired_difference, t_cdf, t_quantile
 
 QUIET = Console(quiet=True)
