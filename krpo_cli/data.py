@@ -421,6 +421,11 @@ def build_prompt(tokenizer, settings: DataSettings, question: str, history: list
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
 
 
+def row_prompt(tokenizer, settings: DataSettings, row: dict) -> str:
+    """The prompt text for one data row: its question, after a conversational row's earlier turns."""
+    return build_prompt(tokenizer, settings, row["question"], row.get("history"))
+
+
 def prompt_token_budget(model, tokenizer, max_new_tokens: int) -> int | None:
     """The most prompt tokens that leave room for max_new_tokens in the model's context; None if unknown."""
     sizes = [getattr(getattr(model, "config", None), "max_position_embeddings", None),
@@ -444,7 +449,7 @@ def drop_overlong(rows: list[dict], tokenizer, settings: DataSettings, budget: i
         turns = [row["question"]] + [turn["content"] for turn in row.get("history") or []]
         if overhead + sum(len(text.encode("utf-8")) + 16 for text in turns) <= budget:  # 16: a turn's markers
             return True
-        prompt = build_prompt(tokenizer, settings, row["question"], row.get("history"))
+        prompt = row_prompt(tokenizer, settings, row)
         return len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget
 
     kept = [row for row in rows if fits(row)]

@@ -17,7 +17,7 @@ PROMPTS_SHOWN = 2
 
 def dry_run(recipe: Recipe, console: Console, count: int = PROMPTS_SHOWN) -> None:
     """Print the resolved recipe and the data's first `count` training prompts, formatted."""
-    from krpo_cli.data import build_prompt, load_rows
+    from krpo_cli.data import load_rows, row_prompt
     from krpo_cli.models import load_tokenizer_only
 
     rows = load_rows(recipe.data, "train")[:count]
@@ -27,6 +27,6 @@ def dry_run(recipe: Recipe, console: Console, count: int = PROMPTS_SHOWN) -> Non
     console.print(recipe_to_yaml(recipe).rstrip("\n"), **plain)
     for number, row in enumerate(rows, 1):
         console.print(f"# training prompt {number} of the first {len(rows)}, as the model sees it:", **plain)
-        console.print(build_prompt(tokenizer, recipe.data, row["question"]), **plain)
+        console.print(row_prompt(tokenizer, recipe.data, row), **plain)
     console.print("# dry run: no model weights loaded, nothing written; without --dry-run this recipe trains",
                   **plain)

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from krpo_cli.config import Recipe
 from krpo_cli.recipe_loading import apply_overrides, load_recipe
-from krpo_cli.data import build_prompt, drop_overlong, load_eval_rows, prompt_token_budget
+from krpo_cli.data import drop_overlong, load_eval_rows, prompt_token_budget, row_prompt
 from krpo_cli.eval_output import check_eval_output, evaluation_key, mark_eval_folder, output_suffix
 from krpo_cli.models import ModelError, adapter_base, load_base
 from krpo_cli.rewards import load_reward
@@ -184,7 +184,7 @@ def evaluate_model(
     records = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        prompts = [build_prompt(tokenizer, recipe.data, row["question"], row.get("history")) for row in batch]
+        prompts = [row_prompt(tokenizer, recipe.data, row) for row in batch]
         greedy = generate_rollout(model, tokenizer, prompts, 1, max_new, greedy=True, engine=gen.engine)
         sampled = None
         if samples:

@@ -42,7 +42,7 @@ from rich.markup import escape
 from krpo_cli.advantages import PromptBaselines, compute_advantages
 from krpo_cli.checkpoint import checkpoint_summary, load_checkpoint, save_checkpoint, set_rng_state
 from krpo_cli.config import Recipe, RecipeError, TrainSettings
-from krpo_cli.data import PromptSampler, build_prompt, drop_overlong, load_rows, prompt_token_budget, rows_digest
+from krpo_cli.data import PromptSampler, drop_overlong, load_rows, prompt_token_budget, row_prompt, rows_digest
 from krpo_cli.distributed import DistributedContext, adapter_state
 from krpo_cli.errors import KrpoError
 from krpo_cli.evaluate import evaluate_model
@@ -399,7 +399,7 @@ def collect_rollout(run: Run) -> Batch:
     cfg, alg, gen, dist = run.recipe, run.recipe.algorithm, run.recipe.generation, run.dist
     global_rows = run.sampler.next_batch(cfg.train.prompts_per_step)
     rows = dist.shard(global_rows)  # this rank's whole prompts
-    prompts = [build_prompt(run.loaded.tokenizer, cfg.data, row["question"], row.get("history")) for row in rows]
+    prompts = [row_prompt(run.loaded.tokenizer, cfg.data, row) for row in rows]
     rollout = generate_rollout(
         run.model, run.loaded.tokenizer, prompts, alg.group_size, gen.max_new_tokens,
         temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k, batch_size=gen.batch_size,

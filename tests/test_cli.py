@@ -164,6 +164,22 @@ def test_dry_run_prints_the_recipe_and_two_formatted_prompts_and_writes_nothing(
     assert result.output.count("# training prompt") == 2
 
 
+def test_dry_run_shows_a_conversations_earlier_turns(tmp_path, tiny_model_dir):
+    import json
+
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "What is 2 + 3?"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": turns, "answer": "5"}) + "\n", encoding="utf-8")
+    sections = {"source": "file", "path": str(data), "test_size": 0, "messages_field": "messages",
+                "prompt_template": "{question}"}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tiny_model_dir, tmp_path / "runs", data=sections))
+    result = runner.invoke(app, ["train", str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n" \
+           "<|im_start|>user\nWhat is 2 + 3?<|im_end|>" in result.output
+
+
 @pytest.mark.parametrize("overrides, refused", [
     ([], "cannot reach the hub to fetch 'openai/gsm8k'"),
     (["data.source=file", "data.path=DATA"], "cannot download 'Qwen/Qwen2.5-0.5B-Instruct'"),
