@@ -301,6 +301,12 @@ def eval_command(
     ] = False,
 ) -> None:
     """Score a model on a dataset with the grader training uses; writes results.json and samples.jsonl (see --output)."""
+    from krpo_cli.hub import check_hub_model
+
+    try:
+        check_hub_model(target)  # offline and not cached: refused before torch loads
+    except KrpoError as err:
+        report(err)
     from krpo_cli.evaluate import resolve_target, run_eval
 
     try:

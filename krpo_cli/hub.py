@@ -17,7 +17,8 @@ from urllib.parse import urlparse
 
 from krpo_cli.errors import KrpoError
 
-_switched_offline = False  # set when krpo itself turned offline mode on
+_switched_offline = ""  # the host that did not answer, once krpo itself turned offline mode on
+_announced = False
 PROBE_SECONDS = 1.5  # a hub that takes longer to accept a connection is taken as unreachable
 
 
@@ -43,14 +44,15 @@ def connects(host: str, port: int, timeout: float) -> bool:
     return bool(outcome and outcome[0])
 
 
-def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
+def hub_reachable(timeout: float = PROBE_SECONDS, announce: bool = True) -> bool:
     """Whether the hub answers; if it does not, the HF libraries are switched to their local caches.
 
     Without network, huggingface_hub retries every request five times with back-off, so a
     model that is already cached loads after ~50 s of retries and a screen of warnings; one
     TCP connection tells the same at once. It goes where the libraries' requests would go:
     to the proxy that the environment names for the endpoint's scheme (or ALL_PROXY), unless
-    NO_PROXY exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe.
+    NO_PROXY exempts the endpoint. HF_HUB_OFFLINE=0 skips the probe. With `announce`, the switch
+    to the local cache is said on stderr (a caller about to refuse leaves it to its one-line error).
     """
     global _switched_offline
     from huggingface_hub import constants
@@ -71,15 +73,22 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
     constants.HF_HUB_OFFLINE = True  # read by huggingface_hub and transformers at each request
     if "datasets.config" in sys.modules:  # datasets copies the flag when imported
         sys.modules["datasets.config"].HF_HUB_OFFLINE = sys.modules["datasets.config"].HF_DATASETS_OFFLINE = True
-    _switched_offline = True
-    from rich.console import Console
-
-    Console(stderr=True).print(
-        f"cannot reach {target.hostname}{' (the proxy)' if proxy else ''}: using the local Hugging Face cache only",
-        highlight=False,
-        markup=False,
-    )
+    _switched_offline = f"{target.hostname}{' (the proxy)' if proxy else ''}"
+    if announce:
+        announce_offline()
     return False
+
+
+def announce_offline() -> None:
+    """Say on stderr, once, that krpo switched the HF libraries to their local caches (when it did)."""
+    global _announced
+    if _switched_offline and not _announced:
+        _announced = True
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"cannot reach {_switched_offline}: using the local Hugging Face cache only", highlight=False, markup=False
+        )
 
 
 def in_hub_cache(repo_id: str) -> bool:
@@ -93,7 +102,7 @@ def in_hub_cache(repo_id: str) -> bool:
 
 def switched_offline() -> bool:
     """Whether krpo itself turned offline mode on (the hub did not answer), rather than the user."""
-    return _switched_offline
+    return bool(_switched_offline)
 
 
 def missing_model_message(repo_id: str) -> str:
@@ -155,7 +164,17 @@ def check_hub_sources(recipe) -> None:
     needs_model = plain_hub_id(model)
     if not (needs_dataset or needs_model):
         return
-    if needs_dataset and (datasets_offline() or not hub_reachable()):
+    if needs_dataset and (datasets_offline() or not hub_reachable(announce=False)):
         raise HubUnavailable(missing_dataset_message(data.path))
-    if needs_model and not hub_reachable() and not in_hub_cache(model):
-        raise HubUnavailable(missing_model_message(model))
+    if needs_model:
+        check_hub_model(model)
+    announce_offline()  # not refused: the run goes on from the local cache
+
+
+def check_hub_model(name: str) -> None:
+    """Refuse at once a hub model id (`krpo eval`'s target, a recipe's model) that cannot be downloaded
+    and is not cached (a refusal is its one line); anything else (a folder, a run, an embedded model's
+    name) is left to load."""
+    if plain_hub_id(name) and not hub_reachable(announce=False) and not in_hub_cache(name):
+        raise HubUnavailable(missing_model_message(name))
+    announce_offline()

@@ -185,13 +185,28 @@ def test_dry_run_shows_a_conversations_earlier_turns(tmp_path, tiny_model_dir):
     (["data.source=file", "data.path=DATA"], "cannot download 'Qwen/Qwen2.5-0.5B-Instruct'"),
 ])
 def test_an_offline_hub_recipe_is_refused_before_torch_loads(tmp_path, overrides, refused):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"question": "1 + 1", "answer": "2"}\n' * 10)
+    args = ["train", "gsm8k", f"run.output_dir={tmp_path / 'runs'}", *[o.replace("DATA", str(data)) for o in overrides]]
+    done = run_offline_in_a_new_process(tmp_path, args)
+    assert done.stdout.splitlines() == ["exit 2", "loaded: []"], done.stdout + done.stderr
+    assert refused in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_eval_of_an_uncached_hub_model_offline_is_refused_before_torch_loads(tmp_path):
+    done = run_offline_in_a_new_process(tmp_path, ["eval", "Qwen/Qwen2.5-0.5B-Instruct", "--output", str(tmp_path / "out")])
+    assert done.stdout.splitlines() == ["exit 2", "loaded: []"], done.stdout + done.stderr
+    assert "cannot download 'Qwen/Qwen2.5-0.5B-Instruct'" in done.stderr and "Traceback" not in done.stderr
+
+
+def run_offline_in_a_new_process(tmp_path, args):
+    """krpo `args` in a fresh Python, offline with an empty HF_HOME; prints the exit code and which of
+    torch, transformers and datasets were imported."""
     import os
     import subprocess
     import sys
 
-    data = tmp_path / "rows.jsonl"
-    data.write_text('{"question": "1 + 1", "answer": "2"}\n' * 10)
-    args = ["train", "gsm8k", f"run.output_dir={tmp_path / 'runs'}", *[o.replace("DATA", str(data)) for o in overrides]]
     code = (
         "import sys\nfrom krpo_cli.cli import app\n"
         f"try:\n    app({args!r})\nexcept SystemExit as end:\n    print('exit', end.code)\n"
@@ -199,7 +214,4 @@ def test_an_offline_hub_recipe_is_refused_before_torch_loads(tmp_path, overrides
     )
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "new-empty-hf-home"))
     env.pop("HF_HUB_CACHE", None)
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert done.stdout.splitlines() == ["exit 2", "loaded: []"], done.stdout + done.stderr
-    assert refused in done.stderr and "Traceback" not in done.stderr
-    assert not (tmp_path / "runs").exists()
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -55,7 +55,8 @@ def hub_online(monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
-    monkeypatch.setattr(hub, "_switched_offline", False)
+    monkeypatch.setattr(hub, "_switched_offline", "")
+    monkeypatch.setattr(hub, "_announced", False)
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(name, "")  # unset, as far as the libraries can tell; restored afterwards
     for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
@@ -294,3 +295,19 @@ def test_an_adapter_on_the_embedded_model_names_it_portably_and_loads_back(tiny_
     merged = CliRunner().invoke(app, ["merge", str(tmp_path / "adapter")])  # no run: the base is found by that name
     assert merged.exit_code == 0, merged.output
     assert json.loads((tmp_path / "adapter-merged" / "merge_info.json").read_text())["base"] == "tiny-embedded"
+
+
+def test_an_unreachable_hub_refusal_is_one_line_and_a_run_that_goes_on_is_told(hub_online, hub_cache, capsys, monkeypatch):
+    hub_online["refuse"] = True
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # as the libraries would set them: restored afterwards
+        monkeypatch.setenv(name, "")
+    with pytest.raises(hub.HubUnavailable, match="cannot reach the hub to download 'org/missing'"):
+        hub.check_hub_model("org/missing")
+    assert capsys.readouterr().err == ""  # the refusal is the only line
+    (hub_cache / "models--org--cached" / "snapshots" / "abc").mkdir(parents=True)
+    (hub_cache / "models--org--cached" / "snapshots" / "abc" / "config.json").write_text("{}")
+    (hub_cache / "models--org--cached" / "refs").mkdir()
+    (hub_cache / "models--org--cached" / "refs" / "main").write_text("abc")
+    hub.check_hub_model("org/cached")  # cached: goes on, and says it uses the cache, once
+    hub.check_hub_model("org/cached")
+    assert capsys.readouterr().err.count("cannot reach huggingface.co: using the local Hugging Face cache only") == 1
