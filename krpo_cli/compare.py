@@ -307,12 +307,40 @@ def comparison_figure(runs: list[Run], labels: list[str], accuracy: str, smoothi
     return figure
 
 
+MADE_BY = "krpo compare"  # in the PNG's Software text and the JSON's made_by: what krpo may replace
+
+
+def made_by_compare(path: Path) -> bool:
+    """Whether the existing file `path` is a figure or table `krpo compare` wrote (tables of earlier krpo
+    versions, without made_by, are known by their keys); anything else is not krpo's to replace."""
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                return image.info.get("Software") == MADE_BY
+        table = json.loads(path.read_text(encoding="utf-8"))
+    except Exception:  # unreadable, not an image, not JSON: not a krpo output
+        return False
+    return isinstance(table, dict) and (
+        table.get("made_by") == MADE_BY or {"accuracy_metric", "smoothing", "runs"} <= table.keys() <= {
+            "accuracy_metric", "smoothing", "runs", "aggregate"}
+    )
+
+
+def check_replaceable(*paths: Path) -> None:
+    """Refuse, before anything is written, to replace a file that krpo compare did not write."""
+    for path in paths:
+        if path.exists() and not (path.is_file() and made_by_compare(path)):
+            raise CompareError(f"'{path}' exists and is not a krpo compare output, so it is not replaced: name another --out")
+
+
 def draw_comparison(runs: list[Run], labels: list[str], accuracy: str, smoothing: Smoothing, out: Path) -> Path:
     """Write `comparison_figure` as a PNG at `out`."""
     figure = comparison_figure(runs, labels, accuracy, smoothing)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(out, format="png", dpi=DPI)
+        figure.savefig(out, format="png", dpi=DPI, metadata={"Software": MADE_BY})
     except OSError as err:
         raise CompareError(f"cannot write '{out}': {err.strerror or err}") from None
     return out
@@ -337,6 +365,7 @@ def compare(
     """
     if out.suffix.lower() != ".png":
         raise CompareError(f"--out must name a .png file, not '{out}'")
+    check_replaceable(out, out.with_suffix(".json"))
     runs = [load_run(Path(d)) for d in run_dirs]
     accuracy = accuracy_key(runs)
     labels = unique_labels(runs)
@@ -345,7 +374,7 @@ def compare(
     aggregated = aggregate(summaries) if aggregate_runs else None
     if aggregated is not None:
         console.print(aggregate_table(aggregated, len(runs)))
-    result = {"accuracy_metric": accuracy, "smoothing": smoothing.describe(), "runs": summaries}
+    result = {"made_by": MADE_BY, "accuracy_metric": accuracy, "smoothing": smoothing.describe(), "runs": summaries}
     if aggregated is not None:
         result["aggregate"] = aggregated
     json_path = write_json(result, out.with_suffix(".json"))

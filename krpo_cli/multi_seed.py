@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from krpo_cli.compare import Smoothing, compare
+from krpo_cli.compare import Smoothing, check_replaceable, compare
 from krpo_cli.config import MAX_SEED, Recipe, RecipeError
 from krpo_cli.recipe_loading import load_recipe
 
@@ -72,10 +72,11 @@ def train_seeds(
     base, recipes = seed_recipes(recipe_name, overrides, seeds)
     # Refuse a used run directory before any seed trains, not after the first few.
     run_dirs = [check_run_dir(recipe, overwrite, resume) for recipe, _ in recipes]
+    out = Path(base.run.output_dir) / f"{base.run.name}-seeds.png"
+    check_replaceable(out, out.with_suffix(".json"))  # the summary's place, too, before hours of training
     for index, ((recipe, text), run_dir) in enumerate(zip(recipes, run_dirs), start=1):
         console.print(f"[bold]seed {recipe.run.seed}[/] ({index}/{len(seeds)}): {escape(str(run_dir))}", highlight=False,
                       soft_wrap=True)
         continue_run = resume and run_dir.is_dir() and any(run_dir.iterdir())
         train(recipe, text, overwrite=overwrite, console=console, resume=continue_run)
-    out = Path(base.run.output_dir) / f"{base.run.name}-seeds.png"
     return compare(run_dirs, out, smoothing, console, aggregate_runs=True)

@@ -150,6 +150,26 @@ def test_same_labels_are_told_apart_by_path(tmp_path):
     assert [r["label"] for r in result["runs"]] == [str(a), str(b)]
 
 
+def test_compare_replaces_only_its_own_figure_and_table(tmp_path):
+    from rich.console import Console
+
+    a = fake_run(tmp_path / "a", "alpha", "krpo", [0.1, 0.3], [0.0, 0.5], [0.0, 0.01])
+    quiet = Console(file=io.StringIO())
+    out = tmp_path / "cmp.png"
+    compare([a], out, Smoothing("none"), quiet)
+    compare([a], out, Smoothing("none"), quiet)  # its own outputs: replaced
+    for name in ("user.png", "user.json"):  # a user's image or notes where the figure or table would go
+        (tmp_path / name).write_bytes(b"the user's own file")
+        with pytest.raises(CompareError, match=f"'{tmp_path / name}' exists and is not a krpo compare output"):
+            compare([a], tmp_path / "user.png", Smoothing("none"), quiet)
+        assert (tmp_path / name).read_bytes() == b"the user's own file"
+        (tmp_path / name).unlink()
+    old_table = {"accuracy_metric": "correct_frac", "smoothing": "none", "runs": []}  # an earlier krpo's table
+    (tmp_path / "old.json").write_text(json.dumps(old_table))
+    compare([a], tmp_path / "old.png", Smoothing("none"), quiet)
+    assert json.loads((tmp_path / "old.json").read_text())["made_by"] == "krpo compare"
+
+
 def test_not_a_run_and_empty_run_are_clear_errors(tmp_path):
     with pytest.raises(CompareError, match="not a run directory"):
         load_run(tmp_path)
@@ -198,6 +218,12 @@ def test_seeds_refuse_a_used_run_dir_before_training_any(tmp_path, tiny_model_di
     assert not (tmp_path / "runs" / "tiny-seed1").exists()
     assert runner.invoke(app, ["train", str(recipe), "--seeds", "1,x"]).exit_code == 2
     assert runner.invoke(app, ["train", str(recipe), "run.seed=3", "--seeds", "1,2"]).exit_code == 2
+    used.rename(tmp_path / "elsewhere")
+    (tmp_path / "runs" / "tiny-seeds.json").write_text("the user's notes")  # where the summary would go
+    result = runner.invoke(app, ["train", str(recipe), "--seeds", "1,2"])
+    assert result.exit_code == 2 and "tiny-seeds.json' exists and is not a krpo compare output" in result.output
+    assert not (tmp_path / "runs" / "tiny-seed1").exists()
+    assert (tmp_path / "runs" / "tiny-seeds.json").read_text() == "the user's notes"
 
 
 def test_train_over_two_seeds(tmp_path, tiny_model_dir):
