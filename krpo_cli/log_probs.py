@@ -10,6 +10,8 @@ under a model, at the sampling temperature; the update calls it with gradients, 
 - `shared_prompt_log_probs`: a rollout's G copies of a prompt read once, for Llama-family models.
 
 Positions follow `position_ids_from_mask`, as generation assigns them under left padding.
+With `with_entropy=True` each of them also returns the entropy of the policy's distribution at
+every position (logged as `entropy`), computed without gradient from the same chunks.
 """
 
 from __future__ import annotations
@@ -32,17 +34,32 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
 
-def token_log_probs(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 8) -> torch.Tensor:
+def softmax_entropy(exps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of softmax(logits), from exps = exp(logits − c) (any row constant c) and
+    their row sums `total`: with p = e / S, H = −Σ p log p = log S − Σ e log e / S (0 log 0 = 0)."""
+    return total.log() - torch.special.xlogy(exps, exps).sum(dim=-1) / total
+
+
+def token_log_probs(
+    logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 8, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each token under `logits`, in float32.
 
     logits: (B, T, V) predicting tokens (B, T). Rows are processed `chunk_size` at a time so
-    that only one chunk's full-vocabulary float32 log-softmax exists at once.
+    that only one chunk's full-vocabulary float32 log-softmax exists at once. With
+    `with_entropy`, also the (B, T) entropy of softmax(logits), without gradient.
     """
-    out = []
+    out, entropies = [], []
     for start in range(0, logits.shape[0], chunk_size):
         chunk = logits[start : start + chunk_size].float()
         logp = torch.log_softmax(chunk, dim=-1)
         out.append(logp.gather(-1, tokens[start : start + chunk_size].unsqueeze(-1)).squeeze(-1))
+        if with_entropy:
+            with torch.no_grad():
+                probs = logp.exp()
+                entropies.append(softmax_entropy(probs, probs.sum(dim=-1)))
+    if with_entropy:
+        return torch.cat(out, dim=0), torch.cat(entropies, dim=0)
     return torch.cat(out, dim=0)
 
 
@@ -52,13 +69,16 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     Each chunk's logits are turned in place into exp(logit − row max): their row sum gives
     the log-normaliser and, divided by it, they are the softmax that backward needs. They are
     kept for backward when `keep` (faster) and recomputed from h otherwise, so that no
-    (rows × vocab) tensor outlives its chunk.
+    (rows × vocab) tensor outlives its chunk. The second output is each row's entropy when
+    `with_entropy` (from the same exponentials: one more pass over the chunk, through one
+    temporary of its size), else empty; it has no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, chunk_rows, keep):
+    def forward(ctx, hidden, weight, tokens, temperature, chunk_rows, keep, with_entropy):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         log_norm = torch.empty_like(out)
+        entropy = torch.empty(hidden.shape[0] if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         ctx.kept = []
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
@@ -69,15 +89,18 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             total = exps.sum(dim=-1)
             log_norm[rows] = peak.squeeze(-1) + total.log()
             out[rows] = token_logits - log_norm[rows]
+            if with_entropy:
+                entropy[rows] = softmax_entropy(exps, total)
             if keep:
                 ctx.kept.append((exps, total))
         ctx.save_for_backward(hidden, weight, tokens, log_norm)
         ctx.temperature, ctx.chunk_rows = temperature, chunk_rows
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, tokens, log_norm = ctx.saved_tensors
         temperature, chunk_rows, kept = ctx.temperature, ctx.chunk_rows, ctx.kept
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
@@ -102,7 +125,7 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         ctx.kept = []
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -118,7 +141,8 @@ def linear_token_log_probs(
     temperature: float = 1.0,
     chunk_rows: int = 256,
     keep_bytes: int = 256 * 2**20,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability (float32) of `tokens` under softmax(hidden · weightᵀ / temperature), fused.
 
     hidden: (..., H) states before the output layer, weight: (V, H), tokens: (...). Equal to
@@ -127,14 +151,17 @@ def linear_token_log_probs(
     around. For backward, the chunks' float32 exponentials are kept when all of them take at
     most `keep_bytes` (measured ~12 % faster than recomputing the logits on the quickstart
     model) and the logits are recomputed chunk by chunk otherwise, so memory stays flat for
-    long completions and large vocabularies.
+    long completions and large vocabularies. With `with_entropy`, also the entropy of that
+    softmax at each position (same shape as `tokens`, float32, without gradient).
     """
     shape = tokens.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     keep = needs_grad and flat_hidden.shape[0] * weight.shape[0] * 4 <= keep_bytes
-    flat = _LinearTokenLogProbs.apply(flat_hidden, weight, tokens.reshape(-1), float(temperature), chunk_rows, keep)
-    return flat.view(shape)
+    flat, entropy = _LinearTokenLogProbs.apply(
+        flat_hidden, weight, tokens.reshape(-1), float(temperature), chunk_rows, keep, with_entropy
+    )
+    return (flat.view(shape), entropy.view(shape)) if with_entropy else flat.view(shape)
 
 
 # Architectures whose logits are exactly lm_head(final hidden state): no soft-capping or scaling.
@@ -154,8 +181,9 @@ def split_output_layer(model):
 
 
 def completion_log_probs(
-    model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0
-) -> torch.Tensor:
+    model, sequences: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int, temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (float32) of the completion tokens of `sequences` under `model`: (B, C).
 
     Trims the columns that are padding in every row of this batch; positions that are not
@@ -165,11 +193,15 @@ def completion_log_probs(
     the completions were drawn from (top-p/top-k truncation is not modelled). Where the
     architecture allows, the output layer and log-softmax run fused and chunked
     (`linear_token_log_probs`), so no (batch × length × vocab) logits tensor is ever built,
-    and rows that share a prompt read it once (`shared_prompt_log_probs`).
+    and rows that share a prompt read it once (`shared_prompt_log_probs`). With `with_entropy`,
+    also the (B, C) entropy of that distribution at each completion token (0 elsewhere), without
+    gradient: a by-product of the same chunks.
     """
     split = split_output_layer(model)
     if split is not None and shares_prompts(model):
-        return shared_prompt_log_probs(model, split[1], sequences, attention_mask, prompt_length, temperature)
+        return shared_prompt_log_probs(
+            model, split[1], sequences, attention_mask, prompt_length, temperature, with_entropy
+        )
     full_width = sequences.shape[1] - prompt_length
     columns_used = attention_mask.any(dim=0).nonzero().squeeze(-1)
     first = min(int(columns_used[0]), prompt_length - 1)
@@ -181,12 +213,17 @@ def completion_log_probs(
     if split is not None:
         backbone, weight = split
         hidden = backbone(**inputs).last_hidden_state[:, -completion.shape[1] - 1 : -1]
-        log_probs = linear_token_log_probs(hidden, weight, completion, temperature)
+        outputs = linear_token_log_probs(hidden, weight, completion, temperature, with_entropy=with_entropy)
     else:
         logits = model(**inputs, logits_to_keep=completion.shape[1] + 1).logits[:, :-1]
-        log_probs = token_log_probs(logits / temperature if temperature != 1.0 else logits, completion)
-    log_probs = log_probs * attention_mask[:, prompt_length - first :]
-    return torch.nn.functional.pad(log_probs, (0, full_width - log_probs.shape[1]))
+        scaled = logits / temperature if temperature != 1.0 else logits
+        outputs = token_log_probs(scaled, completion, with_entropy=with_entropy)
+    completion_mask = attention_mask[:, prompt_length - first :]
+    padded = [
+        torch.nn.functional.pad(x * completion_mask, (0, full_width - x.shape[1]))
+        for x in (outputs if with_entropy else (outputs,))
+    ]
+    return tuple(padded) if with_entropy else padded[0]
 
 
 def shares_prompts(model) -> bool:
@@ -210,8 +247,8 @@ def shares_prompts(model) -> bool:
 
 def shared_prompt_log_probs(
     model, output_weight: torch.Tensor, sequences: torch.Tensor, attention_mask: torch.Tensor,
-    prompt_length: int, temperature: float = 1.0,
-) -> torch.Tensor:
+    prompt_length: int, temperature: float = 1.0, with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`completion_log_probs` reading each distinct prompt once: (B, C), float32.
 
     A rollout holds G copies of every prompt. Here the distinct prompts and the rows'
@@ -261,9 +298,15 @@ def shared_prompt_log_probs(
     before = split + torch.arange(rows, device=device)[:, None] * width + torch.arange(-1, width - 1, device=device)
     before[:, 0] = row_prompt * length + length - 1
     predicting = rms_norm(weights.base.model.norm, hidden[before[completion_mask]])
-    flat = linear_token_log_probs(predicting, output_weight, completion[completion_mask], temperature)
-    out = torch.zeros(rows, full_width, dtype=flat.dtype, device=device)
-    return out.masked_scatter(torch.nn.functional.pad(completion_mask, (0, full_width - width)), flat)
+    outputs = linear_token_log_probs(
+        predicting, output_weight, completion[completion_mask], temperature, with_entropy=with_entropy
+    )
+    full_mask = torch.nn.functional.pad(completion_mask, (0, full_width - width))
+    placed = [
+        torch.zeros(rows, full_width, dtype=flat.dtype, device=device).masked_scatter(full_mask, flat)
+        for flat in (outputs if with_entropy else (outputs,))
+    ]
+    return tuple(placed) if with_entropy else placed[0]
 
 
 def batched_log_probs(model, rollout, rows: torch.Tensor, micro_batch: int, temperature: float) -> torch.Tensor:

@@ -38,6 +38,12 @@ def clip_ratios(clipped_low: float, clipped_high: float, tokens: float) -> dict[
     }
 
 
+def mean_entropy(entropy_sum: float, tokens: float) -> float:
+    """`entropy`: the policy's mean token entropy (nats) over the completion tokens trained on, from
+    their sum and count (NaN when no token was trained) — TRL's entropy, over the whole step."""
+    return entropy_sum / tokens if tokens > 0 else math.nan
+
+
 def length_stats(lengths: torch.Tensor) -> dict[str, float]:
     """`completion_len_min/mean/max`: completion lengths in tokens (TRL's completions/min_length, ...)."""
     return {

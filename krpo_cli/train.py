@@ -69,7 +69,9 @@ from krpo_cli.run_dir import (
 )
 from krpo_cli.progress import StepProgress
 from krpo_cli.run_log import JsonlWriter, MetricsLogger, check_logging_backends, counted
-from krpo_cli.step_stats import batch_reward_std, clip_ratios, group_reward_std, length_stats, truncated_fraction
+from krpo_cli.step_stats import (
+    batch_reward_std, clip_ratios, group_reward_std, length_stats, mean_entropy, truncated_fraction,
+)
 from krpo_cli.update import NumericalFailure, UpdateStats, auto_micro_batch, update_policy  # noqa: F401 (re-exported)
 
 
@@ -450,6 +452,7 @@ def step_metrics(run: Run, batch: Batch, update: UpdateStats, step: int, step_lr
     (generated_tokens,) = dist.reduce_floats([batch.rollout.num_generated_tokens], "sum")
     (rollout_seconds,) = dist.reduce_floats([batch.rollout.seconds], "max")  # the slowest rank's
     trained, clipped_low, clipped_high = dist.reduce_floats([update.loss_tokens, update.clipped_low, update.clipped_high])
+    entropy_sum, entropy_tokens = dist.reduce_floats([update.entropy_sum, update.entropy_tokens])
     now = time.perf_counter()
     return {
         "step": step,
@@ -466,6 +469,7 @@ def step_metrics(run: Run, batch: Batch, update: UpdateStats, step: int, step_lr
         "kl": dist.global_mean(update.kls) if trained else float("nan"),
         "clip_frac": dist.global_mean(update.clip_fracs) if trained else float("nan"),
         **clip_ratios(clipped_low, clipped_high, trained),
+        "entropy": mean_entropy(entropy_sum, entropy_tokens),
         "grad_norm": statistics.fmean(update.grad_norms) if update.grad_norms else float("nan"),
         "skipped_updates": update.skipped,
         **length_stats(batch.lengths),

@@ -60,6 +60,8 @@ class UpdateStats:
     loss_tokens: float = 0.0  # tokens trained on (each time an epoch passes over them)
     clipped_low: float = 0.0  # of them, clipped at 1 − ε_low (advantage < 0)
     clipped_high: float = 0.0  # clipped at 1 + ε_high (advantage > 0)
+    entropy_sum: float = 0.0  # the policy's token entropy, summed over the completion tokens trained on
+    entropy_tokens: float = 0.0  # those completion tokens (each time an epoch passes over them)
 
 
 def update_policy(run: Run, batch: Batch, step: int) -> UpdateStats:
@@ -121,11 +123,13 @@ def minibatch_update(run: Run, batch: Batch, mb_rows: torch.Tensor, micro_batch:
     mb_loss = 0.0
     for start in range(0, len(my_rows), micro_batch):
         index = my_rows[start : start + micro_batch]
-        log_probs = completion_log_probs(
+        log_probs, entropy = completion_log_probs(
             run.model, rollout.sequences[index], rollout.attention_mask[index], rollout.prompt_length,
-            run.recipe.generation.temperature,
+            run.recipe.generation.temperature, with_entropy=True,
         )
         mask = rollout.completion_mask[index]
+        stats.entropy_sum += float((entropy * mask).sum())
+        stats.entropy_tokens += float(mask.sum())
         if alg.mask_eos:
             mask = without_final_eos(mask, rollout.ends_with_eos[index])
         parts = policy_loss(
