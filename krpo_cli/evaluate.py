@@ -289,7 +289,6 @@ def run_eval(
     except OSError as err:
         raise ModelError(f"cannot write the output directory '{target.output_dir}': {err.strerror or err}") from None
     torch.manual_seed(recipe.run.seed)
-
     what = f"{target.model}" + (f" + adapter {target.adapter}" if target.adapter else " (no adapter)")
     where = f"{dataset_name}: {counted(len(rows), 'question')} · prompt and grader from {target.recipe_source}"
     console.print(f"[bold]krpo eval[/] {escape(what)} · {escape(where)}", highlight=False, soft_wrap=True)
@@ -303,36 +302,53 @@ def run_eval(
             on_batch=lambda n: progress.advance(task, n),
         )
 
-    results = {
+    settings = {"samples": samples, "max_new_tokens": max_new_tokens or recipe.generation.max_new_tokens,
+                "quantization": quantization, "dtype": str(dtype).removeprefix("torch."), "device": device.type}
+    results = results_record(target, report, dataset_name, len(rows), key, settings, time.perf_counter() - started)
+    write_results(target.output_dir, results, report.records)
+    print_report(console, report, samples)
+    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False, markup=False,
+                  soft_wrap=True)
+    return report
+
+
+def results_record(target: EvalTarget, report: EvalReport, dataset_name: str, num_questions: int, key: dict,
+                   settings: dict, seconds: float) -> dict:
+    """What results.json holds: the metrics, their breakdown, and what was evaluated how."""
+    recipe = target.recipe
+    return {
         "metrics": report.metrics,
         "by_group": report.by_group,
         "model": target.model,
         "adapter": str(target.adapter) if target.adapter else None,
         "dataset": dataset_name,
-        "num_questions": len(rows),
+        "num_questions": num_questions,
         "evaluation": key,  # what a later eval into this folder is compared with
         "settings": {
             "grader": recipe.reward.grader if not recipe.reward.graders else list(recipe.reward.graders)[0],
             **({"graders": recipe.reward.graders} if recipe.reward.graders else {}),
-            "samples": samples,
-            "temperature": recipe.generation.temperature if samples else None,
-            "max_new_tokens": max_new_tokens or recipe.generation.max_new_tokens,
-            "quantization": quantization,
-            "dtype": str(dtype).removeprefix("torch."),
-            "device": device.type,
+            "samples": settings["samples"],
+            "temperature": recipe.generation.temperature if settings["samples"] else None,
+            "max_new_tokens": settings["max_new_tokens"],
+            "quantization": settings["quantization"],
+            "dtype": settings["dtype"],
+            "device": settings["device"],
             "seed": recipe.run.seed,
         },
-        "seconds": round(time.perf_counter() - started, 2),
+        "seconds": round(seconds, 2),
     }
-    (target.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    writer = JsonlWriter(target.output_dir / SAMPLES, mode="w")
-    for record in report.records:
-        writer.write(record)
-    writer.close()
-    print_report(console, report, samples)
-    console.print(f"wrote {target.output_dir / 'results.json'} and samples.jsonl", highlight=False, markup=False,
-                  soft_wrap=True)
-    return report
+
+
+def write_results(folder: Path, results: dict, records: list[dict]) -> None:
+    """results.json and samples.jsonl into `folder`; a write that fails (a full disk) is one line."""
+    try:
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        writer = JsonlWriter(folder / SAMPLES, mode="w")
+        for record in records:
+            writer.write(record)
+        writer.close()
+    except OSError as err:
+        raise ModelError(f"cannot write the results in '{folder}': {err.strerror or err}") from None
 
 
 def print_report(console: Console, report: EvalReport, samples: int) -> None:

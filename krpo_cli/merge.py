@@ -171,6 +171,22 @@ def check_saved(
     return diff
 
 
+def write_staging(merged, tokenizer, run_dir: Path | None, out: Path, adapter_dir: Path) -> Path:
+    """Save the merged model, its tokenizer and (from a run) the run's recipe into a new hidden folder
+    beside `out`; a failed write removes that folder and replaces nothing."""
+    staging = staging_dir(out)
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if run_dir is not None:
+            (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
+    except OSError as err:  # a full disk, a folder made read-only: the half-written copy goes, nothing was replaced
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MergeError(f"cannot write the merged model beside '{out}': {err.strerror or err}; "
+                         f"nothing was replaced, and the adapter '{adapter_dir}' is unchanged") from None
+    return staging
+
+
 def merge(
     source: Path,
     out: Path | None = None,
@@ -223,17 +239,7 @@ def merge(
     diff_fp32 = check_merged(merged, inputs, reference, tolerance) if verify else None
     merged = merged.to(out_dtype)
 
-    staging = staging_dir(out)
-    try:
-        merged.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if recipe is not None:
-            (staging / RECIPE_IN_MODEL_DIR).write_text((run_dir / RECIPE).read_text(), encoding="utf-8")
-    except OSError as err:  # a full disk, a folder made read-only: the half-written copy goes, nothing was replaced
-        shutil.rmtree(staging, ignore_errors=True)
-        raise MergeError(f"cannot write the merged model beside '{out}': {err.strerror or err}; "
-                         f"nothing was replaced, and the adapter '{adapter_dir}' is unchanged") from None
-
+    staging = write_staging(merged, tokenizer, run_dir if recipe is not None else None, out, adapter_dir)
     diff_saved = check_saved(staging, out_dtype, inputs, reference, tolerance, trust_remote_code) if verify else None
     info = {
         "base": base_name,
@@ -248,9 +254,7 @@ def merge(
             "max_abs_logit_diff_merged_fp32": diff_fp32,
             "max_abs_logit_diff_saved": diff_saved,
             "tolerance": tolerance,
-        }
-        if verify
-        else None,
+        } if verify else None,
         "seconds": round(time.perf_counter() - started, 2),
     }
     (staging / "merge_info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")

@@ -110,3 +110,11 @@ def test_disk_full_while_writing_a_merged_model(tmp_path, tiny_model_dir, monkey
     assert f"cannot write the merged model beside '{out}': No space left on device" in line
     assert "nothing was replaced" in line
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["adapter"], "no half-written model folder"
+
+
+def test_disk_full_while_eval_writes_its_results(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(JsonlWriter, "write", disk_full)
+    out = tmp_path / "eval-out"
+    line = one_error_line(runner.invoke(app, ["eval", str(tiny_model_dir), "--limit", "2", "--max-new-tokens", "2",
+                                              "--output", str(out)]))
+    assert line.startswith(f"error: cannot write the results in '{out}': No space left on device")
