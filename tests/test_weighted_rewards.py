@@ -119,7 +119,7 @@ def test_single_grader_run_logs_no_per_grader_metrics(tmp_path, tiny_model_dir, 
 
 def test_eval_accuracy_is_the_first_graders(monkeypatch):
     completions = ["<think>a</think> 3", "<think>b</think> 5"]  # references 3 and 4: last_number 1, 0; think 1, 1
-    monkeypatch.setattr(evaluate_module, "build_prompt", lambda tokenizer, data, question, history=None: question)
+    monkeypatch.setattr(evaluate_module, "row_prompt", lambda tokenizer, data, row: row["question"])
     monkeypatch.setattr(evaluate_module, "generate_rollout", lambda *a, **k: SimpleNamespace(completions=completions))
     rows = [{"question": "1 + 2", "answer": "3"}, {"question": "2 + 2", "answer": "4"}]
 
