@@ -84,17 +84,18 @@ def test_operand_problems_are_every_sum_and_difference():
 
 
 def test_plan_takes_the_first_seeds_per_arm_and_a_generated_task_reads_its_file(tmp_path):
-    planned = plan_runs(tmp_path, SIZES["smoke"], [5, 6, 7, 8, 9, 10, 11, 12, 13], ["one_digit", "two_digit"],
+    harder = estimators.HARDER_TASK
+    planned = plan_runs(tmp_path, SIZES["smoke"], [5, 6, 7, 8, 9, 10, 11, 12, 13], ["one_digit", harder],
                         ["krpo", "grpo", "rloo"], ["lora.r=4"])
     pairs = {(run.task, run.arm) for run in planned}
     assert [run.seed for run in planned if (run.task, run.arm) == ("one_digit", "krpo")] == [5, 6, 7, 8, 9, 10, 11, 12]
-    assert [run.seed for run in planned if (run.task, run.arm) == ("two_digit", "rloo")] == [5, 6, 7]
+    assert [run.seed for run in planned if (run.task, run.arm) == (harder, "rloo")] == [5, 6, 7]
     assert ("one_digit", "dr_grpo") not in pairs  # not among the arms asked for
-    run = next(run for run in planned if run.task == "two_digit" and run.arm == "rloo" and run.seed == 6)
-    assert run.run_dir == tmp_path / "two_digit" / "rloo-seed6"
+    run = next(run for run in planned if run.task == harder and run.arm == "rloo" and run.seed == 6)
+    assert run.run_dir == tmp_path / harder / "rloo-seed6"
     assert "algorithm.advantage=rloo" in run.overrides and "lora.r=4" in run.overrides
     assert run.overrides[-2:] == ('run.name="rloo-seed6"', "run.seed=6")
-    assert "data.source=file" in run.overrides and (tmp_path / "data" / "two_digit.jsonl").is_file()
+    assert "data.source=file" in run.overrides and (tmp_path / "data" / f"{harder}.jsonl").is_file()
 
     from krpo_cli.recipe_loading import load_recipe
 
