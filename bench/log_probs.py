@@ -36,7 +36,7 @@ def main() -> None:
     from krpo_cli.config import Recipe
     from krpo_cli.data import build_prompt, digit_problems
     from krpo_cli.models import load_policy, quiet_libraries
-    from krpo_cli.train import auto_micro_batch
+    from krpo_cli.update import auto_micro_batch
 
     quiet_libraries()
     recipe = Recipe.model_validate({

@@ -142,8 +142,9 @@ def train(
         check_hub_sources(load_recipe(recipe, overrides or [])[0])  # offline and not cached: refused before torch loads
     except KrpoError as err:
         report(err)
-    from krpo_cli.train import NumericalFailure, TrainingInterrupted
+    from krpo_cli.train import TrainingInterrupted
     from krpo_cli.train import train as run_training
+    from krpo_cli.update import NumericalFailure
 
     if seeds is not None and resume_from is not None:
         fail("--resume-from names one checkpoint; with --seeds use --resume")

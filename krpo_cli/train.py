@@ -72,7 +72,7 @@ from krpo_cli.run_log import JsonlWriter, MetricsLogger, check_logging_backends,
 from krpo_cli.step_stats import (
     batch_reward_std, clip_ratios, group_reward_std, length_stats, mean_entropy, truncated_fraction,
 )
-from krpo_cli.update import NumericalFailure, UpdateStats, auto_micro_batch, update_policy  # noqa: F401 (re-exported)
+from krpo_cli.update import UpdateStats, update_policy
 
 
 class TrainingInterrupted(Exception):

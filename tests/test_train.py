@@ -8,6 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from krpo_cli import train as train_module
+from krpo_cli import update as update_module
 from krpo_cli.config import Recipe
 from krpo_cli.rewards import Grade
 from conftest import read_jsonl, tiny_recipe
@@ -96,10 +97,10 @@ def test_kalman_options_train_and_are_recorded(tmp_path, tiny_model_dir, capture
 
 def test_auto_micro_batch_budgets_tokens_on_cpu_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert train_module.auto_micro_batch(16, 156, cpu) == 640 // 156 == 4
-    assert train_module.auto_micro_batch(16, 10_000, cpu) == 1  # never zero rows
-    assert train_module.auto_micro_batch(3, 20, cpu) == 3  # never more than the minibatch
-    assert train_module.auto_micro_batch(16, 156, gpu) == 16
+    assert update_module.auto_micro_batch(16, 156, cpu) == 640 // 156 == 4
+    assert update_module.auto_micro_batch(16, 10_000, cpu) == 1  # never zero rows
+    assert update_module.auto_micro_batch(3, 20, cpu) == 3  # never more than the minibatch
+    assert update_module.auto_micro_batch(16, 156, gpu) == 16
 
 
 def test_8bit_adamw_keeps_8bit_state_that_survives_a_weights_only_round_trip(tmp_path):
