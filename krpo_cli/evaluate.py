@@ -27,7 +27,7 @@ from krpo_cli.recipe_loading import apply_overrides, load_recipe
 from krpo_cli.data import drop_overlong, load_eval_rows, prompt_token_budget, row_prompt
 from krpo_cli.eval_output import check_eval_output, evaluation_key, mark_eval_folder, output_suffix
 from krpo_cli.models import ModelError, adapter_base, load_base
-from krpo_cli.rewards import load_reward
+from krpo_cli.rewards import grader_names, load_reward
 from krpo_cli.rollout import generate_rollout
 from krpo_cli.run_dir import ADAPTER, RECIPE, RECIPE_IN_MODEL_DIR, SAMPLES, adapter_label, is_run_dir, run_of_adapter
 from krpo_cli.run_dir import check_writable, run_adapter, stopped_run_note
@@ -325,7 +325,7 @@ def results_record(target: EvalTarget, report: EvalReport, dataset_name: str, nu
         "num_questions": num_questions,
         "evaluation": key,  # what a later eval into this folder is compared with
         "settings": {
-            "grader": recipe.reward.grader if not recipe.reward.graders else list(recipe.reward.graders)[0],
+            "grader": grader_names(recipe.reward)[0],  # the correctness grader, which accuracy counts
             **({"graders": recipe.reward.graders} if recipe.reward.graders else {}),
             "samples": settings["samples"],
             "temperature": recipe.generation.temperature if settings["samples"] else None,

@@ -437,14 +437,15 @@ def user_grader_specs(reward) -> list[str]:
     (`krpo validate` imports them; a recipe read from a folder may not name one, see docs/security.md).
     """
     specs = []
-    for name in _grader_names(reward):
+    for name in grader_names(reward):
         if name not in GRADERS and name not in specs:
             specs.append(name)
     return specs
 
 
-def _grader_names(reward) -> list[str]:
-    """Every grader name in a reward section (RewardSettings): its graders when set, else its grader."""
+def grader_names(reward) -> list[str]:
+    """Every grader name in a reward section (RewardSettings), the correctness grader first: its graders
+    when set, else its grader."""
     graders = getattr(reward, "graders", None)
     return list(graders) if graders else [reward.grader]
 
