@@ -48,12 +48,15 @@ def collect(planned: list) -> tuple[dict, list[str]]:
 
 
 def base_accuracy(out: Path, task: str) -> dict | None:
-    """The base model's evaluation on the task (accuracy and number of questions), if it was made."""
-    path = out / task / "base-eval" / "results.json"
+    """The starting point's evaluation on the task (accuracy, number of questions, what it is), if it was made."""
+    from studies.estimators import TASKS, WARM_START, start_eval_dir
+
+    path = start_eval_dir(out, task) / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text(encoding="utf-8"))
-    return {"accuracy": results["metrics"]["accuracy"], "questions": results["num_questions"]}
+    start = "the adapter of {} · {} · seed {}".format(*WARM_START) if TASKS[task].warm_start else "the base model (no adapter)"
+    return {"accuracy": results["metrics"]["accuracy"], "questions": results["num_questions"], "start": start}
 
 
 def task_results(arms: dict, steps: int, comparisons) -> dict:
@@ -114,7 +117,7 @@ def markdown(report: dict) -> str:
         base = results.get("base")
         lines += [f"## {task}", "", results["description"], ""]
         if base:
-            lines += [f"Base model (no adapter): {number(base['accuracy'])} on {base['questions']} questions.", ""]
+            lines += [f"Start, {base['start']}: {number(base['accuracy'])} on {base['questions']} questions.", ""]
         lines += ["| arm | seeds | accuracy per seed | mean ± std |", "|---|---:|---|---:|"]
         for arm, row in results["arms"].items():
             per_seed = ", ".join(f"{seed}: {number(value)}" for seed, value in row["accuracy_by_seed"].items())

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 from rich.console import Console
 
 from krpo_cli.compare import Run, Smoothing, seed_band
@@ -122,13 +123,18 @@ def test_unknown_task_or_arm_is_one_line_and_exit_2(tmp_path, capsys):
 ACCURACY = {("krpo", 1): 0.5, ("krpo", 2): 0.7, ("krpo", 3): 0.6, ("grpo", 1): 0.4, ("grpo", 2): 0.5, ("grpo", 3): 0.6}
 
 
-def finish_fake_run(run_dir: Path, arm: str, seed: int, steps: int, last: int | None = None) -> None:
+def planned_run(out: Path, task: str, arm: str, seed: int) -> estimators.PlannedRun:
+    return estimators.plan_run(out, SIZES["smoke"], task, arm, seed, [])
+
+
+def finish_fake_run(planned: estimators.PlannedRun, last: int | None = None) -> None:
     """What a run leaves: recipe.yaml, metrics.jsonl (held-out accuracy at the last step), adapter/."""
+    run_dir, arm, seed, steps = planned.run_dir, planned.arm, planned.seed, planned.steps
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.yaml").write_text(f"run: {{name: {arm}-seed{seed}, seed: {seed}}}\nalgorithm: {{advantage: krpo}}\n")
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(planned.recipe, sort_keys=False))
     records = [{"step": step, "reward_mean": 0.1 * step} for step in range(1, (last or steps) + 1)]
     if last is None:
-        records[-1]["eval/accuracy"] = ACCURACY[(arm, seed)]
+        records[-1]["eval/accuracy"] = ACCURACY.get((arm, seed), 0.3)
         (run_dir / "adapter").mkdir(exist_ok=True)
         (run_dir / "adapter" / "adapter_config.json").write_text("{}")
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -138,11 +144,10 @@ def finish_fake_run(run_dir: Path, arm: str, seed: int, steps: int, last: int | 
 def fake_study(monkeypatch, tmp_path):
     """The study with train_run and evaluate_base replaced; returns (run it, the calls made)."""
     calls = []
-    steps = SIZES["smoke"].steps
 
     def fake_train(planned, state, console):
         calls.append((planned.arm, planned.seed, state))
-        finish_fake_run(planned.run_dir, planned.arm, planned.seed, steps)
+        finish_fake_run(planned)
 
     monkeypatch.setattr(estimators, "train_run", fake_train)
     monkeypatch.setattr(estimators, "evaluate_base", lambda *args: None)
@@ -164,13 +169,48 @@ def test_an_interrupted_run_needs_resume_and_only_it_is_trained(fake_study, tmp_
     study, calls = fake_study
     steps = SIZES["smoke"].steps
     for arm, seed in ACCURACY:
-        finish_fake_run(tmp_path / "one_digit" / f"{arm}-seed{seed}", arm, seed, steps)
-    interrupted = tmp_path / "one_digit" / "grpo-seed2"
-    finish_fake_run(interrupted, "grpo", 2, steps, last=steps - 1)  # killed before its last step
-    assert run_state(interrupted, steps) == "started"
+        finish_fake_run(planned_run(tmp_path, "one_digit", arm, seed))
+    interrupted = planned_run(tmp_path, "one_digit", "grpo", 2)
+    finish_fake_run(interrupted, last=steps - 1)  # killed before its last step
+    assert run_state(interrupted.run_dir, steps) == "started"
     assert study() == 2 and calls == []  # refused before training anything
     assert study("--resume") == 0
     assert calls == [("grpo", 2, "started")]
+
+
+def test_a_run_trained_with_another_recipe_is_refused_not_counted(fake_study, tmp_path, capsys):
+    study, calls = fake_study
+    assert study() == 0
+    changed = tmp_path / "one_digit" / "krpo-seed2" / "recipe.yaml"
+    recipe = yaml.safe_load(changed.read_text())
+    recipe["algorithm"]["kalman"]["adaptive"] = True  # e.g. an arm redefined since the run was trained
+    changed.write_text(yaml.safe_dump(recipe))
+    calls.clear()
+    assert study("--report-only") == 2 and study() == 2 and calls == []
+    out = capsys.readouterr().out
+    assert "krpo-seed2' was trained with another recipe" in out and "algorithm.kalman.adaptive" in out
+
+
+def test_a_warm_started_task_starts_from_the_warm_start_run_trained_first(fake_study, tmp_path, capsys):
+    study, calls = fake_study
+    task, arm, seed = estimators.WARM_START
+    assert estimators.TASKS[estimators.HARDER_TASK].warm_start and not estimators.TASKS[task].warm_start
+    adapter = (tmp_path / task / f"{arm}-seed{seed}" / "adapter").resolve()
+    harder = planned_run(tmp_path, estimators.HARDER_TASK, "krpo", 3)
+    assert harder.recipe["lora"]["init_from"] == str(adapter)
+    assert planned_run(tmp_path, task, "krpo", 3).recipe["lora"]["init_from"] is None
+
+    assert study("--tasks", estimators.HARDER_TASK, "--arms", "krpo", "--seeds", "3") == 0
+    assert calls == [(arm, seed, "new"), ("krpo", 3, "new")]  # the warm start first, then the task's run
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"2 runs (one of them the warm start {task} · {arm} · seed {seed}), 0 done, 2 to train" in printed
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["tasks"]) == [estimators.HARDER_TASK]  # the warm start is trained, not reported
+    calls.clear()
+    assert study("--tasks", task, "--arms", arm, "--seeds", str(seed)) == 0
+    assert calls == []  # the warm start is that task's own run, already done
+    both = plan_runs(tmp_path, SIZES["smoke"], [seed], [task, estimators.HARDER_TASK], [arm], [])
+    assert estimators.warm_start_needed(tmp_path, SIZES["smoke"], both, []) == []  # planned anyway: not twice
 
 
 def test_train_run_resumes_from_a_checkpoint_or_starts_over_without_one(monkeypatch, tmp_path):
