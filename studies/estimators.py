@@ -32,8 +32,8 @@ Budget (the sizes in `SIZES` are to be set after timing on a quiet machine): a r
 where the quickstart gives SECONDS_PER_COMPLETION ≈ 11 s / 32 completions on 2 CPU cores; the
 other two constants are estimates, not measurements. Size "full": 12 steps × 4 prompts × 6
 completions = 288 completions ≈ 99 s, 2 evaluations × 200 questions ≈ 20 s, load ≈ 10 s:
-≈ 129 s a run (measured on one_digit, 2026-12-04: 109 s); `GRID` holds 56 runs: ≈ 1 h 45 min to
-2 hours on 2 cores. To fit another budget, change
+≈ 129 s a run (measured 2026-12-04: 109 s on one_digit, 147 s on two_by_one with its 200-question
+evaluations); `GRID` holds 56 runs: ≈ 1 h 55 min on 2 cores. To fit another budget, change
 the seed counts in `GRID` or the size; `--plan` prints the arithmetic for the current choice.
 """
 
