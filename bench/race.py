@@ -88,10 +88,16 @@ def train_trl(seed: int, steps: int, every: int, out: Path, checkpointing: bool 
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    import torch
+
     from krpo_cli.data import load_rows
+    from krpo_cli.models import resolve_dtype
     from krpo_cli.rewards import grade_last_number
 
     recipe, _ = quickstart_recipe([])
+    # The dtype krpo trains in here (float32 unless the CPU has native bf16). TRL's own default is
+    # bf16=True, autocast to bf16, which on a CPU without native bf16 takes a path ~8× slower.
+    dtype = resolve_dtype(recipe.model.dtype, torch.device("cpu"))
     template, system = recipe.data.prompt_template, recipe.data.system_prompt
     rows = [{"prompt": [{"role": "system", "content": system},
                         {"role": "user", "content": template.format(question=row["question"])}],
@@ -118,9 +124,10 @@ def train_trl(seed: int, steps: int, every: int, out: Path, checkpointing: bool 
         learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
         logging_steps=1, report_to=[], use_cpu=True, save_strategy="steps", save_steps=every,
         save_only_model=True, seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
+        bf16=dtype == torch.bfloat16,
         gradient_checkpointing=checkpointing,  # TRL's default is on; krpo's is off
     )
-    base = load_base(EMBEDDED, recipe.model.quantization, recipe.model.dtype)
+    base = load_base(EMBEDDED, recipe.model.quantization, dtype)
     trainer = GRPOTrainer(
         model=base.model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=base.tokenizer,
@@ -225,7 +232,7 @@ def report(runs: dict, summary: dict, target: float) -> None:
         cells = ["–" if s[key] is None else fmt.format(s[key]) for s in summary.values()]
         print(f"{label:26}" + "".join(f"{cell:>14}" for cell in cells))
     k, t = summary.get("krpo"), summary.get("trl")
-    if k and t and k["median_seconds_to_target"] and t["median_seconds_to_target"]:
+    if k and t and k["median_seconds_to_target"] and t["median_seconds_to_target"] is not None:  # krpo > 0 s
         print(f"\nTRL / krpo, median time to {target}: {t['median_seconds_to_target'] / k['median_seconds_to_target']:.2f}×")
 
 

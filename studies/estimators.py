@@ -3,7 +3,7 @@
 Trains the quickstart recipe (embedded SmolLM2-135M-Instruct, LoRA) once per (task, arm, seed)
 of `GRID`, evaluates every run greedily on held-out questions (the training loop's own
 evaluation, `eval.every`/`eval.size`, which logs `eval/accuracy` to metrics.jsonl), evaluates the
-base model once per task on the same questions, and writes a report (studies/study_report.py):
+starting point (the base model, or a warm start) once per task on the same questions, and writes a report (studies/study_report.py):
 `results.json`, `results.md` and one `curves-<task>.png` per task.
 
 Run it from the repository root after `make install`:
@@ -15,13 +15,16 @@ Run it from the repository root after `make install`:
     .venv/bin/python -m studies.estimators --size smoke --tasks one_digit --arms krpo,grpo --seeds 1
 
 Runs go to `<out>/<task>/<arm>-seed<N>` (default `<out>`: runs/study-<size>). Same seed = same
-LoRA initialisation and the same data order, so each seed's KRPO and GRPO runs are paired. A
-warm-started task (the harder one) starts every run from the adapter of WARM_START, a run of the
-quickstart task that has learned to answer with just the number; that run is trained first when
-the plan does not include it, and the task's starting accuracy is that adapter's
-(`<out>/<task>/start-eval`; otherwise the base model's, `base-eval`). A run whose recipe.yaml
-differs from what the study would train now (an arm or task redefined since) stops the study
-with one line, rather than being counted.
+LoRA initialisation and the same data order, so each seed's KRPO and GRPO runs are paired.
+
+A warm-started task (the harder one) starts every run from the adapter of WARM_START, a run of
+the quickstart task that has learned to answer with just the number. That run is trained first
+(also when the plan does not include it), and the task's starting accuracy is that adapter's, in
+`<out>/<task>/start-eval` (made once: delete it if the warm start is ever trained again);
+otherwise it is the base model's, in `base-eval`. `--set` applies to every run, the warm start
+included. A run whose recipe.yaml differs from what the study would train now (an arm or task
+redefined since) stops the study with one line, rather than being counted.
+
 A run whose last step and final evaluation are logged, with its adapter saved, is skipped on a
 rerun; one that was interrupted continues from its latest checkpoint with `--resume` (or starts
 over when it never reached one); without `--resume` the study refuses to start while any is left.
@@ -125,8 +128,8 @@ ARMS = {
 # The harder task. From the base model, neither two-digit task learns at the "full" size: the base
 # model rambles past 16 tokens, so almost no sampled answer earns a reward (seed 1, 200 held-out
 # questions: two_digit 0.000 base, 0.005 krpo, 0.000 grpo; two_by_one 0.100 base, 0.095 grpo).
-# Started from an adapter that has learned the format, two_by_one does learn (grpo seed 1: 0.15 at
-# step 6, 0.465 at step 12, from about 0.23): it is the harder task, warm-started (docs/results.md).
+# Started from an adapter that has learned the format, two_by_one does learn (8 seeds of grpo: 0.27
+# at the start, 0.60 ± 0.11 at step 12): it is the harder task, warm-started (docs/results.md).
 HARDER_TASK = "two_by_one"
 
 # The run whose adapter a warm-started task starts from: (task, arm, seed), trained first when needed.
@@ -243,6 +246,14 @@ def warm_start_adapter(out: Path) -> Path:
     return (out / task / f"{arm}-seed{seed}" / ADAPTER).resolve()
 
 
+def is_warm_start(run: PlannedRun) -> bool:
+    return (run.task, run.arm, run.seed) == WARM_START
+
+
+def warm_start_label() -> str:
+    return "the adapter of {} · {} · seed {}".format(*WARM_START)
+
+
 def warm_start_needed(out: Path, size: Size, planned: list[PlannedRun], extra: list[str]) -> list[PlannedRun]:
     """WARM_START's run, when a planned task starts from it and the plan does not already train it."""
     if not any(TASKS[run.task].warm_start for run in planned):
@@ -269,24 +280,32 @@ def run_state(run_dir: Path, steps: int) -> str:
     return "done" if finished and (run_dir / ADAPTER / "adapter_config.json").is_file() else "started"
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} → {"a.b": 1}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
+IGNORED_KEYS = ("run.output_dir",)  # where the study folder is; the runs' names already say which run it is
+PATH_KEYS = ("data.path", "lora.init_from")  # files the study writes inside its folder: compared relative to it
+
+
+def comparable(recipe: dict) -> dict:
+    """A resolved recipe as flat dotted keys, each path inside the study's folder made relative to it,
+    so that a study folder that was moved or renamed still matches its plan."""
+    from krpo_cli.run_dir import flatten
+
+    flat = flatten(recipe)
+    out = Path(str(flat.get("run.output_dir", ""))).parent  # runs live in <out>/<task>
+    for key in PATH_KEYS:
+        value = flat.get(key)
+        if isinstance(value, str) and Path(value).is_relative_to(out):
+            flat[key] = "<study>/" + Path(value).relative_to(out).as_posix()
     return flat
 
 
-IGNORED_KEYS = ("run.output_dir",)  # where the study folder is; the runs' names already say which run it is
-
-
 def recipe_differences(planned: PlannedRun) -> list[str]:
-    """The keys whose value in the run's recipe.yaml differs from the plan's ([] when there is no recipe.yaml)."""
-    import yaml
+    """The keys whose value in the run's recipe.yaml differs from the plan's ([] when there is no recipe.yaml).
 
+    The saved recipe is validated again first, so a key that a newer krpo added reads as its default."""
+    import yaml
+    from pydantic import ValidationError
+
+    from krpo_cli.config import Recipe
     from krpo_cli.recipe_yaml import load_yaml
     from krpo_cli.run_dir import RECIPE
 
@@ -294,10 +313,10 @@ def recipe_differences(planned: PlannedRun) -> list[str]:
     if not path.is_file():
         return []
     try:
-        saved = flatten(load_yaml(path.read_text(encoding="utf-8")) or {})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return ["recipe.yaml (unreadable)"]
-    wanted = flatten(planned.recipe)
+        saved = comparable(Recipe.model_validate(load_yaml(path.read_text(encoding="utf-8"))).model_dump(mode="json"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValidationError):
+        return ["recipe.yaml (unreadable, or no longer a valid recipe)"]
+    wanted = comparable(planned.recipe)
     keys = dict.fromkeys([*wanted, *saved])
     return [key for key in keys if key not in IGNORED_KEYS and saved.get(key) != wanted.get(key)]
 
@@ -342,7 +361,7 @@ def start_eval_dir(out: Path, task: str) -> Path:
     return out / task / ("start-eval" if TASKS[task].warm_start else "base-eval")
 
 
-def evaluate_base(task: str, out: Path, size: Size, extra: list[str], console: Console) -> Path:
+def evaluate_start(task: str, out: Path, size: Size, extra: list[str], console: Console) -> Path:
     """The starting point on the task's held-out questions: the base model (no adapter) or, for a
     warm-started task, WARM_START's adapter. Writes <start_eval_dir>/results.json."""
     from krpo_cli.evaluate import EvalTarget, run_eval
@@ -367,7 +386,7 @@ def check_started(states: dict[PlannedRun, str], resume: bool) -> None:
 
 
 def run_study(args: argparse.Namespace, console: Console) -> dict:
-    """Plan, train what is not done, evaluate the base model per task, write the report."""
+    """Plan, train what is not done (the warm start first), evaluate each task's starting point, write the report."""
     from krpo_cli.multi_seed import parse_seeds
     from studies.study_report import write_report
 
@@ -375,8 +394,9 @@ def run_study(args: argparse.Namespace, console: Console) -> dict:
     out = Path(args.out or f"runs/study-{args.size}")
     tasks, arms = chosen(args.tasks, GRID, "tasks"), chosen(args.arms, ARMS, "arms")
     planned = plan_runs(out, size, parse_seeds(args.seeds), tasks, arms, list(args.set))
-    first = warm_start_needed(out, size, planned, list(args.set))  # trained first, not reported
-    states = {run: run_state(run.run_dir, run.steps) for run in [*first, *planned]}
+    first = warm_start_needed(out, size, planned, list(args.set))  # not reported
+    ordered = sorted([*first, *planned], key=lambda run: not is_warm_start(run))  # the warm start first, always
+    states = {run: run_state(run.run_dir, run.steps) for run in ordered}
     check_recipes([run for run, state in states.items() if state != "new"])
     todo = [run for run, state in states.items() if state != "done"]
     minutes = estimated_seconds(size, len(todo)) / 60
@@ -393,7 +413,7 @@ def run_study(args: argparse.Namespace, console: Console) -> dict:
             console.print(f"[bold]{run.task} · {run.arm} · seed {run.seed}[/] ({index}/{len(todo)})", highlight=False)
             train_run(run, states[run], console)
         for task in tasks:
-            evaluate_base(task, out, size, list(args.set), console)
+            evaluate_start(task, out, size, list(args.set), console)
     return write_report(out, planned, console, args.size)
 
 

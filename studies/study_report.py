@@ -2,7 +2,7 @@
 paired differences with their t-intervals, and learning curves with bands across seeds.
 
 Reads only what the runs wrote (metrics.jsonl, recipe.yaml: krpo_cli/compare.py loads them) and
-the base model's evaluation; a run that is not finished is listed as missing, never guessed.
+the evaluation of each task's starting point (the base model or a warm start); a run that is not finished is listed as missing, never guessed.
 Writes <out>/results.json, <out>/results.md and <out>/curves-<task>.png.
 """
 
@@ -49,13 +49,13 @@ def collect(planned: list) -> tuple[dict, list[str]]:
 
 def base_accuracy(out: Path, task: str) -> dict | None:
     """The starting point's evaluation on the task (accuracy, number of questions, what it is), if it was made."""
-    from studies.estimators import TASKS, WARM_START, start_eval_dir
+    from studies.estimators import TASKS, start_eval_dir, warm_start_label
 
     path = start_eval_dir(out, task) / "results.json"
     if not path.is_file():
         return None
     results = json.loads(path.read_text(encoding="utf-8"))
-    start = "the adapter of {} · {} · seed {}".format(*WARM_START) if TASKS[task].warm_start else "the base model (no adapter)"
+    start = warm_start_label() if TASKS[task].warm_start else "the base model (no adapter)"
     return {"accuracy": results["metrics"]["accuracy"], "questions": results["num_questions"], "start": start}
 
 
@@ -111,7 +111,7 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def markdown(report: dict) -> str:
-    """results.md: per task, the base model, a table of arms and a table of paired differences."""
+    """results.md: per task, the starting point, a table of arms and a table of paired differences."""
     lines = [f"# Estimator study ({report['size']})", "", "Held-out accuracy: greedy, at the last step.", ""]
     for task, results in report["tasks"].items():
         base = results.get("base")

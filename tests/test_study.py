@@ -142,7 +142,7 @@ def finish_fake_run(planned: estimators.PlannedRun, last: int | None = None) -> 
 
 @pytest.fixture
 def fake_study(monkeypatch, tmp_path):
-    """The study with train_run and evaluate_base replaced; returns (run it, the calls made)."""
+    """The study with train_run and evaluate_start replaced; returns (run it, the calls made)."""
     calls = []
 
     def fake_train(planned, state, console):
@@ -150,7 +150,7 @@ def fake_study(monkeypatch, tmp_path):
         finish_fake_run(planned)
 
     monkeypatch.setattr(estimators, "train_run", fake_train)
-    monkeypatch.setattr(estimators, "evaluate_base", lambda *args: None)
+    monkeypatch.setattr(estimators, "evaluate_start", lambda *args: None)
     base = ["--size", "smoke", "--tasks", "one_digit", "--arms", "krpo,grpo", "--seeds", "1,2,3", "--out", str(tmp_path)]
     return (lambda *more: estimators.main([*base, *more])), calls
 
@@ -211,6 +211,35 @@ def test_a_warm_started_task_starts_from_the_warm_start_run_trained_first(fake_s
     assert calls == []  # the warm start is that task's own run, already done
     both = plan_runs(tmp_path, SIZES["smoke"], [seed], [task, estimators.HARDER_TASK], [arm], [])
     assert estimators.warm_start_needed(tmp_path, SIZES["smoke"], both, []) == []  # planned anyway: not twice
+
+
+def test_a_moved_study_folder_and_a_recipe_key_added_since_still_match(fake_study, tmp_path):
+    study, calls = fake_study
+    harder = estimators.HARDER_TASK
+    assert study("--tasks", harder, "--arms", "krpo", "--seeds", "1") == 0
+    moved = tmp_path.parent / (tmp_path.name + "-moved")
+    tmp_path.rename(moved)  # data.path and lora.init_from point into the old folder
+    saved = moved / "one_digit" / "grpo-seed1" / "recipe.yaml"
+    recipe = yaml.safe_load(saved.read_text())
+    del recipe["algorithm"]["kalman"]["eps_placement"]  # as a recipe.yaml written before that key existed
+    saved.write_text(yaml.safe_dump(recipe))
+    calls.clear()
+    argv = ["--size", "smoke", "--tasks", harder, "--arms", "krpo", "--seeds", "1", "--out", str(moved)]
+    assert estimators.main(argv) == 0 and calls == []  # both runs still done, nothing refused or retrained
+
+
+def test_the_warm_start_trains_first_whatever_the_order_of_tasks(fake_study, monkeypatch):
+    study, _ = fake_study
+    task, arm, seed = estimators.WARM_START
+    trained = []
+
+    def fake_train(planned, state, console):
+        trained.append(planned.task)
+        finish_fake_run(planned)
+
+    monkeypatch.setattr(estimators, "train_run", fake_train)
+    assert study("--tasks", f"{estimators.HARDER_TASK},{task}", "--arms", arm, "--seeds", str(seed)) == 0
+    assert trained == [task, estimators.HARDER_TASK]  # the adapter it starts from exists before the harder task
 
 
 def test_train_run_resumes_from_a_checkpoint_or_starts_over_without_one(monkeypatch, tmp_path):
