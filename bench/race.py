@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from train_step import EMBEDDED, peak_memory_mib
+from train_step import EMBEDDED, peak_memory_mib, train_with_trl
 
 STEPS, EVERY, TARGET = 20, 2, 0.5
 PROMPTS, GROUP, NEW_TOKENS, LR, BETA, RANK = 4, 8, 16, 2e-4, 0.01, 16
@@ -83,16 +83,11 @@ def train_trl(seed: int, steps: int, every: int, out: Path, checkpointing: bool 
     from krpo_cli.models import load_base, quiet_libraries
 
     quiet_libraries()  # before peft is imported
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
     import torch
+    from trl import GRPOConfig
 
     from krpo_cli.data import load_rows
     from krpo_cli.models import resolve_dtype
-    from krpo_cli.rewards import grade_last_number
 
     recipe, _ = quickstart_recipe([])
     # The dtype krpo trains in here (float32 unless the CPU has native bf16). TRL's own default is
@@ -103,20 +98,6 @@ def train_trl(seed: int, steps: int, every: int, out: Path, checkpointing: bool 
                         {"role": "user", "content": template.format(question=row["question"])}],
              "answer": row["answer"]} for row in load_rows(recipe.data, "train")]
 
-    def reward(completions, answer, **_):
-        return [grade_last_number(c[0]["content"], a).reward for c, a in zip(completions, answer)]
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], 0.0
-
-        def on_step_begin(self, *args, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):  # called before the trainer saves a checkpoint
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = Timer()
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
         gradient_accumulation_steps=1, steps_per_generation=1, max_completion_length=NEW_TOKENS,
@@ -127,16 +108,9 @@ def train_trl(seed: int, steps: int, every: int, out: Path, checkpointing: bool 
         bf16=dtype == torch.bfloat16,
         gradient_checkpointing=checkpointing,  # TRL's default is on; krpo's is off
     )
-    base = load_base(EMBEDDED, recipe.model.quantization, dtype)
-    trainer = GRPOTrainer(
-        model=base.model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
-        processing_class=base.tokenizer,
-        peft_config=LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", task_type="CAUSAL_LM"),
-        callbacks=[timer],
-    )
-    trainer.train()
+    times = train_with_trl(load_base(EMBEDDED, recipe.model.quantization, dtype), rows, config)
     adapters = {int(path.name.removeprefix("checkpoint-")): str(path) for path in out.glob("checkpoint-*")}
-    return {"step_seconds": timer.times, "adapters": adapters}
+    return {"step_seconds": times, "adapters": adapters}
 
 
 def held_out_accuracy(adapters: dict[int, str]) -> dict[int, float]:

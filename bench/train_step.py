@@ -99,13 +99,9 @@ def run_trl(args) -> list[float]:
 
     quiet_libraries()  # before peft is imported
     import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOConfig
 
     from krpo_cli.data import digit_problems
-    from krpo_cli.rewards import grade_last_number
 
     settings = device_settings(args.device, args.dtype)
     rows = [
@@ -114,22 +110,6 @@ def run_trl(args) -> list[float]:
         for r in digit_problems()[50:]
     ]
 
-    def reward(completions, answer, **_):
-        return [grade_last_number(c[0]["content"], a).reward for c, a in zip(completions, answer)]
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.times, self.start = [], None
-
-        def on_step_begin(self, *args, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_step_end(self, *args, **kwargs):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()  # a step's kernels may still be queued
-            self.times.append(time.perf_counter() - self.start)
-
-    timer = Timer()
     completions = args.group * args.prompts
     config = GRPOConfig(
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=completions, num_generations=args.group,
@@ -142,6 +122,36 @@ def run_trl(args) -> list[float]:
     )
     # The same base model krpo trains: krpo's own loader (NF4 with double quantization on CUDA).
     base = load_base(args.model, settings["quantization"], settings["dtype"], torch.device(args.device))
+    return train_with_trl(base, rows, config)
+
+
+def train_with_trl(base, rows: list[dict], config) -> list[float]:
+    """TRL's GRPOTrainer with LoRA (r RANK, all linear layers) on `base` (krpo's LoadedModel), the
+    reward krpo's `last_number` grader on each row's "answer"; the seconds of each training step."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOTrainer
+
+    from krpo_cli.rewards import grade_last_number
+
+    def reward(completions, answer, **_):
+        return [grade_last_number(c[0]["content"], a).reward for c, a in zip(completions, answer)]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.start = [], 0.0
+
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):  # called before the trainer saves a checkpoint
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # a step's kernels may still be queued
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = Timer()
     trainer = GRPOTrainer(
         model=base.model, reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=base.tokenizer,
