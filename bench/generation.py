@@ -14,6 +14,12 @@ bandwidth): 2 FLOPs per parameter per sequence, and every weight read once per s
 (half a byte per NF4 weight, quantization constants left out; the KV cache is small at these
 lengths). Both rates are measured here, on this device, in the compute dtype. With NF4 weights
 krpo's decoder reads bf16 copies, so the bf16 run's floor is the one it can reach.
+
+Two ratios are printed. `floor/krpo` divides the decode-only floor (every new token at the
+floor of a decode step) by the measured rate, which includes reading the prompts. `run
+floor/krpo` is the same for the floor of all the timed work: the prompts' arithmetic too (2
+FLOPs per parameter per real prompt token, the output head for one position per row), then
+one decode step fewer, since the prompt's pass yields the first new token.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ def device_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float
     big = torch.empty(256 * 2**20 // 4, device=device, dtype=torch.float32).normal_()
     bandwidth = big.numel() * 4 / timed(lambda: big.sum(), device)
     return flops, bandwidth
+
+
+def run_floor_seconds(batch: int, prompt_tokens: int, new_tokens: int, params: int, head_params: int,
+                      weight_bytes: int, flops: float, bandwidth: float) -> float:
+    """The floor of generating `new_tokens` for `batch` prompts holding `prompt_tokens` real tokens:
+    the prompts' pass (every weight for each prompt token, the output head for the last only),
+    then new_tokens - 1 decode steps; each pass at max(arithmetic, reading the weights once)."""
+    prompt_flops = 2 * (params - head_params) * prompt_tokens + 2 * head_params * batch
+    prompt_pass = max(prompt_flops / flops, weight_bytes / bandwidth)
+    decode_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
+    return prompt_pass + (new_tokens - 1) * decode_step
 
 
 def weight_counts(model) -> tuple[int, int]:
@@ -96,18 +113,24 @@ def main() -> None:
     params, weight_bytes = weight_counts(model)
     print(f"device {device.type}, {str(dtype).removeprefix('torch.')}, weights {args.quantization}: matmul {flops / 1e9:.0f} GFLOP/s, "
           f"memory {bandwidth / 1e9:.1f} GB/s; {params / 1e6:.0f}M parameters ({weight_bytes / 2**20:.0f} MiB)")
-    print(f"{'batch':>6}{'floor tok/s':>13}{'krpo tok/s':>12}{'HF tok/s':>10}{'krpo/HF':>9}{'floor/krpo':>12}")
+    head_params = model.get_output_embeddings().weight.numel()
+    print(f"{'batch':>6}{'floor tok/s':>13}{'krpo tok/s':>12}{'HF tok/s':>10}{'krpo/HF':>9}{'floor/krpo':>12}"
+          f"{'run floor/krpo':>16}")
 
     settings = {"model": args.model, "device": device.type, "dtype": str(dtype), "quantization": args.quantization,
                 "tokens": args.tokens, "matmul_flops": flops, "bandwidth_bytes_per_s": bandwidth,
-                "parameters": params, "weight_bytes": weight_bytes}
+                "parameters": params, "head_parameters": head_params, "weight_bytes": weight_bytes}
     questions = [row["question"] for row in digit_problems()]  # 200: larger batches repeat them
     rows = []
     for batch in batches:
         prompts = [build_prompt(tokenizer, recipe.data, questions[i % len(questions)]) for i in range(batch)]
         floor_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
         floor = batch / floor_step
-        result = {"batch": batch, "floor_tokens_per_s": floor}
+        prompt_tokens = sum(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
+        run_floor = batch * args.tokens / run_floor_seconds(batch, prompt_tokens, args.tokens, params, head_params,
+                                                            weight_bytes, flops, bandwidth)
+        result = {"batch": batch, "prompt_tokens": prompt_tokens, "floor_tokens_per_s": floor,
+                  "run_floor_tokens_per_s": run_floor}
         for engine in ("krpo", "transformers"):
             def run():
                 return generate_rollout(model, tokenizer, prompts, 1, args.tokens, min_new_tokens=args.tokens, engine=engine)
@@ -120,7 +143,8 @@ def main() -> None:
             result[engine] = rollout.num_generated_tokens / (time.perf_counter() - start)
         rows.append(result)
         print(f"{batch:>6}{floor:>13.0f}{result['krpo']:>12.0f}{result['transformers']:>10.0f}"
-              f"{result['krpo'] / result['transformers']:>8.2f}×{floor / result['krpo']:>11.1f}×", flush=True)
+              f"{result['krpo'] / result['transformers']:>8.2f}×{floor / result['krpo']:>11.2f}×"
+              f"{run_floor / result['krpo']:>15.2f}×", flush=True)
         Path(args.json).write_text(json.dumps({"settings": settings, "results": rows}, indent=2))  # so far
     print(f"wrote {args.json}")
 

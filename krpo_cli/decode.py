@@ -94,8 +94,18 @@ def dense_weight(layer, merge: bool = True) -> torch.Tensor:
     if names:
         weight = weight.clone()
         for name in names:
-            weight += layer.get_delta_weight(name).to(weight.dtype)
+            add_delta_weight(weight, layer, name)
     return weight
+
+
+def add_delta_weight(weight: torch.Tensor, layer, name: str) -> None:
+    """weight += s·B·A, the delta PEFT's `get_delta_weight(name)` returns, in one pass over `weight`
+    (PEFT's way writes B·A, scales it and adds it: three passes over a full-size matrix)."""
+    if getattr(layer, "fan_in_fan_out", False):  # stored transposed (GPT-2's Conv1D): PEFT's own way
+        weight += layer.get_delta_weight(name).to(weight.dtype)
+        return
+    down, up = layer.lora_A[name].weight.detach(), layer.lora_B[name].weight.detach()
+    weight.addmm_(up.to(weight.dtype), down.to(weight.dtype), alpha=float(layer.scaling[name]))
 
 
 def low_rank_factors(layers, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -462,21 +472,25 @@ def sample_next_token(
     """
     if greedy:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # float64, so that rare tokens still widen the running sum below and the uniform resolves
+    # them; a private copy, worked on in place (each new (B, V) buffer costs a pass of page faults).
+    scores = logits.to(torch.float64, copy=True)
+    if temperature != 1.0:
+        scores /= temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores.masked_fill_(scores < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1)  # ascending
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cumulative <= 1.0 - top_p
         drop_sorted[:, -1] = False  # the most likely token always stays
-        logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-    # Inverse-CDF draw: one uniform number per row. (torch.multinomial draws an exponential
-    # variate per vocabulary entry, which cost ~15 % of a decode step on a CPU.) Tokens
-    # with probability zero have empty intervals and are never drawn. float64, so that
-    # rare tokens still widen the running sum and the uniform resolves them.
-    cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)
+        scores.masked_fill_(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
+    # Inverse-CDF draw: one uniform number per row, scaled to the row's unnormalised total
+    # (softmax's division is not needed). (torch.multinomial draws an exponential variate per
+    # vocabulary entry, which cost ~15 % of a decode step on a CPU.) Tokens with probability
+    # zero have empty intervals and are never drawn. A NaN or +inf logit makes the total NaN.
+    cdf = scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
     if finite is not None:
         finite &= torch.isfinite(cdf[:, -1]).all()
     elif not bool(torch.isfinite(cdf[:, -1]).all()):

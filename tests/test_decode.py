@@ -1,5 +1,6 @@
 """krpo's own decoder (krpo_cli.decode) against HF: same logits, same greedy text, same sampling rules."""
 
+import math
 import warnings
 from pathlib import Path
 
@@ -233,6 +234,31 @@ def test_sample_next_token_top_k_and_top_p_keep_the_right_tokens():
     assert sample_next_token(logits[:1], greedy=True).tolist() == [0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sampling_draws_the_softmax_probabilities_and_leaves_the_logits_alone(dtype):
+    """Frequencies of 20,000 draws match softmax(logits) (the rows are shifted by different
+    constants, which must not matter), and the caller's logits are not modified in place."""
+    probabilities = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64)
+    logits = (probabilities.log() + torch.arange(20000, dtype=torch.float64)[:, None] % 7).to(dtype)
+    before = logits.clone()
+    drawn = sample_next_token(logits, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits, before)
+    frequencies = torch.bincount(drawn, minlength=5).double() / len(drawn)
+    assert frequencies[4] == 0  # probability zero: never drawn
+    assert torch.allclose(frequencies, probabilities, atol=0.012)  # ~4 standard errors
+
+
+def test_a_token_far_below_float32_resolution_is_still_drawn(monkeypatch):
+    """A token of probability 1e-9 between 50,000 equal others: in a float32 running sum it
+    would not move the total, and no uniform could land in its interval."""
+    vocabulary, rare = 50_001, 25_000
+    logits = torch.zeros(1, vocabulary)
+    logits[0, rare] = math.log(5e-5)  # 5e-5 against 50,000 × 1: probability 1e-9
+    inside = (rare + 2.5e-5) / (vocabulary - 1 + 5e-5)  # the middle of the rare token's interval
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.full(shape, inside, dtype=kwargs["dtype"]))
+    assert sample_next_token(logits).tolist() == [rare]
+
+
 @pytest.mark.parametrize("fixed_shape", [False, True])
 def test_min_new_tokens_and_padding_after_eos(tiny_model_dir, monkeypatch, fixed_shape):
     """Also with fixed-shape steps, which look for the end of every row only every 8 tokens."""
@@ -323,6 +349,8 @@ def test_non_finite_logits_are_an_error_not_a_token():
     logits = torch.tensor([[0.0, float("nan"), 1.0]])
     with pytest.raises(FloatingPointError):
         sample_next_token(logits)
+    with pytest.raises(FloatingPointError):
+        sample_next_token(torch.tensor([[0.0, float("inf"), 1.0]]))
     finite = torch.ones((), dtype=torch.bool)  # or noted, for a caller that asks later
     sample_next_token(torch.tensor([[0.0, 1.0]]), finite=finite)
     assert bool(finite)
