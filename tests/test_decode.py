@@ -245,7 +245,7 @@ def test_sampling_draws_the_softmax_probabilities_and_leaves_the_logits_alone(dt
     assert torch.equal(logits, before)
     frequencies = torch.bincount(drawn, minlength=5).double() / len(drawn)
     assert frequencies[4] == 0  # probability zero: never drawn
-    assert torch.allclose(frequencies, probabilities, atol=0.012)  # ~4 standard errors
+    assert torch.allclose(frequencies, probabilities, atol=0.012)  # 3.4 standard errors of the largest
 
 
 def test_a_token_far_below_float32_resolution_is_still_drawn(monkeypatch):
