@@ -59,6 +59,11 @@ def device_rates(device: torch.device, dtype: torch.dtype) -> tuple[float, float
     return flops, bandwidth
 
 
+def decode_step_floor_seconds(batch: int, params: int, weight_bytes: int, flops: float, bandwidth: float) -> float:
+    """The floor of one decode step: max(2 FLOPs per parameter per row, reading the weights once)."""
+    return max(2 * params * batch / flops, weight_bytes / bandwidth)
+
+
 def run_floor_seconds(batch: int, prompt_tokens: int, new_tokens: int, params: int, head_params: int,
                       weight_bytes: int, flops: float, bandwidth: float) -> float:
     """The floor of generating `new_tokens` for `batch` prompts holding `prompt_tokens` real tokens:
@@ -66,8 +71,7 @@ def run_floor_seconds(batch: int, prompt_tokens: int, new_tokens: int, params: i
     then new_tokens - 1 decode steps; each pass at max(arithmetic, reading the weights once)."""
     prompt_flops = 2 * (params - head_params) * prompt_tokens + 2 * head_params * batch
     prompt_pass = max(prompt_flops / flops, weight_bytes / bandwidth)
-    decode_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
-    return prompt_pass + (new_tokens - 1) * decode_step
+    return prompt_pass + (new_tokens - 1) * decode_step_floor_seconds(batch, params, weight_bytes, flops, bandwidth)
 
 
 def weight_counts(model) -> tuple[int, int]:
@@ -124,8 +128,7 @@ def main() -> None:
     rows = []
     for batch in batches:
         prompts = [build_prompt(tokenizer, recipe.data, questions[i % len(questions)]) for i in range(batch)]
-        floor_step = max(2 * params * batch / flops, weight_bytes / bandwidth)
-        floor = batch / floor_step
+        floor = batch / decode_step_floor_seconds(batch, params, weight_bytes, flops, bandwidth)
         prompt_tokens = sum(len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"])
         run_floor = batch * args.tokens / run_floor_seconds(batch, prompt_tokens, args.tokens, params, head_params,
                                                             weight_bytes, flops, bandwidth)
