@@ -40,6 +40,13 @@ def softmax_entropy(exps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return total.log() - torch.special.xlogy(exps, exps).sum(dim=-1) / total
 
 
+def shifted_softmax_entropy(shifted: torch.Tensor, exps: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of softmax(logits), from finite shifted = logits − c (any row constant c),
+    exps = exp(shifted) and their row sums `total`: H = log S − Σ e·z / S, with no logarithm per
+    entry (as `softmax_entropy` takes). Overwrites `shifted`."""
+    return total.log() - shifted.mul_(exps).sum(dim=-1) / total
+
+
 def token_log_probs(
     logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = 8, with_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -70,8 +77,8 @@ class _LinearTokenLogProbs(torch.autograd.Function):
     the log-normaliser and, divided by it, they are the softmax that backward needs. They are
     kept for backward when `keep` (faster) and recomputed from h otherwise, so that no
     (rows × vocab) tensor outlives its chunk. The second output is each row's entropy when
-    `with_entropy` (from the same exponentials: one more pass over the chunk, through one
-    temporary of its size), else empty; it has no gradient.
+    `with_entropy` (the exponentials then go to a second buffer of the chunk's size, and the
+    entropy is read from them and the shifted logits), else empty; it has no gradient.
     """
 
     @staticmethod
@@ -85,12 +92,14 @@ class _LinearTokenLogProbs(torch.autograd.Function):
             logits = _chunk_logits(hidden[rows], weight, temperature)
             token_logits = logits.gather(-1, tokens[rows].unsqueeze(-1)).squeeze(-1)
             peak = logits.amax(dim=-1, keepdim=True)
-            exps = logits.sub_(peak).exp_()  # in place: a second vocabulary-wide tensor would cost as much again
+            shifted = logits.sub_(peak)
+            # In place: a second vocabulary-wide tensor would cost as much again. The entropy needs both.
+            exps = shifted.exp() if with_entropy else shifted.exp_()
             total = exps.sum(dim=-1)
             log_norm[rows] = peak.squeeze(-1) + total.log()
             out[rows] = token_logits - log_norm[rows]
             if with_entropy:
-                entropy[rows] = softmax_entropy(exps, total)
+                entropy[rows] = shifted_softmax_entropy(shifted, exps, total)
             if keep:
                 ctx.kept.append((exps, total))
         ctx.save_for_backward(hidden, weight, tokens, log_norm)

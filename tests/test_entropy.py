@@ -30,6 +30,17 @@ def test_softmax_entropy_on_hand_computed_numbers():
     assert got[2].item() == pytest.approx(-sum(q * math.log(q) for q in p))
 
 
+def test_shifted_softmax_entropy_on_hand_computed_numbers():
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [5.0, 5.0, -200.0, -200.0], [1.0, 2.0, 3.0, 4.0]])
+    shifted = logits - 7.0  # any constant per row
+    exps = shifted.exp()
+    got = lp.shifted_softmax_entropy(shifted.clone(), exps, exps.sum(dim=-1))
+    assert got[0].item() == pytest.approx(math.log(4))  # uniform over 4
+    assert got[1].item() == pytest.approx(math.log(2))  # two equal, two with probability e^-205
+    p = [math.exp(k) / sum(math.exp(j) for j in range(1, 5)) for k in range(1, 5)]
+    assert got[2].item() == pytest.approx(-sum(q * math.log(q) for q in p))
+
+
 def test_mean_entropy_is_the_token_weighted_mean():
     assert mean_entropy(6.0, 4.0) == 1.5
     assert math.isnan(mean_entropy(0.0, 0.0))
