@@ -411,7 +411,7 @@ class TrainSettings(_Strict):
     prompts_per_step: int = Field(32, ge=1, le=MAX_PROMPTS_PER_STEP, description="Prompts per rollout batch.")
     minibatch_size: int = Field(16, ge=1, le=MAX_COUNT, description="Completions per optimizer step.")
     micro_batch_size: int | None = Field(
-        None, ge=1, le=MAX_COUNT, description="Completions per forward/backward (gradient accumulation); default: ~640 tokens' worth on a CPU, the whole minibatch elsewhere."
+        None, ge=1, le=MAX_COUNT, description="Completions per forward/backward (gradient accumulation); default: ~640 tokens' worth on a CPU (twice that for the gradient-free reference pass), the whole minibatch elsewhere."
     )
     epochs_per_batch: int = Field(1, ge=1, le=MAX_COUNT, description="Passes over each rollout batch.")
     learning_rate: float = Field(1e-5, gt=0, description="AdamW learning rate.")

@@ -101,6 +101,39 @@ def test_auto_micro_batch_budgets_tokens_on_cpu_only():
     assert update_module.auto_micro_batch(16, 10_000, cpu) == 1  # never zero rows
     assert update_module.auto_micro_batch(3, 20, cpu) == 3  # never more than the minibatch
     assert update_module.auto_micro_batch(16, 156, gpu) == 16
+    assert update_module.auto_micro_batch(16, 156, cpu, update_module.CPU_TOKENS_PER_FIXED_BATCH) == 8
+    assert update_module.auto_micro_batch(16, 156, gpu, update_module.CPU_TOKENS_PER_FIXED_BATCH) == 16
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 3])
+def test_fixed_log_probs_take_twice_the_tokens_per_forward_on_cpu_unless_the_recipe_sets_it(
+    tmp_path, tiny_model_dir, monkeypatch, micro_batch_size
+):
+    """The reference pass keeps nothing for backward: on a CPU it reads twice the update's tokens per
+    forward; a recipe's train.micro_batch_size is the user's memory knob and holds for both."""
+    seen = {"fixed": [], "update": []}
+    real_fixed, real_log_probs = update_module.fixed_log_probs, update_module.completion_log_probs
+
+    def fixed(run, rollout, micro_batch):
+        seen["fixed"].append(micro_batch)
+        return real_fixed(run, rollout, micro_batch)
+
+    def update_forward(model, sequences, *args, **kwargs):
+        seen["update"].append(sequences.shape[0])
+        return real_log_probs(model, sequences, *args, **kwargs)
+
+    monkeypatch.setattr(update_module, "fixed_log_probs", fixed)
+    monkeypatch.setattr(update_module, "completion_log_probs", update_forward)
+    monkeypatch.setattr(update_module, "CPU_TOKENS_PER_MICRO_BATCH", 1)  # one row per update forward
+    monkeypatch.setattr(update_module, "CPU_TOKENS_PER_FIXED_BATCH", 10**6)  # the whole minibatch
+    train_section = {"steps": 1, "prompts_per_step": 2, "minibatch_size": 8, "micro_batch_size": micro_batch_size}
+    recipe = Recipe.model_validate(tiny_recipe(tiny_model_dir, tmp_path, train=train_section,
+                                               algorithm={"group_size": 4, "kl_beta": 0.04}))
+    train_module.train(recipe)
+    if micro_batch_size is None:
+        assert seen["fixed"] == [8] and set(seen["update"]) == {1}
+    else:
+        assert seen["fixed"] == [3] and max(seen["update"]) == 3
 
 
 def test_8bit_adamw_keeps_8bit_state_that_survives_a_weights_only_round_trip(tmp_path):
