@@ -50,5 +50,6 @@ def is_silu(act_fn) -> bool:
 
 
 def gated_activation(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """act_fn(gate)·up, the input of a gated MLP's down projection (`silu_mul` when act_fn is SiLU)."""
-    return silu_mul(gate, up) if is_silu(act_fn) else act_fn(gate) * up
+    """act_fn(gate)·up, the input of a gated MLP's down projection (`silu_mul` when act_fn is SiLU
+    and gate and up share a dtype, as a projection's outputs do)."""
+    return silu_mul(gate, up) if is_silu(act_fn) and gate.dtype == up.dtype else act_fn(gate) * up

@@ -78,6 +78,8 @@ def test_gated_activation_recognises_silu_and_calls_any_other_activation():
     gate, up = torch.randn(4, 10), torch.randn(4, 10)
     assert torch.equal(gated_activation(torch.nn.GELU(), gate, up), F.gelu(gate) * up)
     assert torch.equal(gated_activation(ACT2FN["silu"], gate, up), F.silu(gate) * up)
+    mixed = gated_activation(torch.nn.SiLU(), gate.bfloat16(), up)  # promoted as `act(gate) * up` is
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, F.silu(gate.bfloat16()) * up)
 
 
 def test_the_loss_forward_keeps_one_mlp_activation_less_per_layer(monkeypatch):
