@@ -311,3 +311,32 @@ def test_an_unreachable_hub_refusal_is_one_line_and_a_run_that_goes_on_is_told(h
     hub.check_hub_model("org/cached")  # cached: goes on, and says it uses the cache, once
     hub.check_hub_model("org/cached")
     assert capsys.readouterr().err.count("cannot reach huggingface.co: using the local Hugging Face cache only") == 1
+
+
+def test_a_half_precision_the_cpu_only_emulates_is_warned_about(monkeypatch):
+    flags = {"flags": "fpu avx avx2"}
+    monkeypatch.setattr(models, "cpu_flags", lambda: flags["flags"])
+    warning = models.slow_dtype_warning(torch.bfloat16, CPU)
+    assert warning.startswith("warning: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+    assert warning.endswith("model.dtype=auto picks float32 here")
+    assert "float16 instructions (AVX512-FP16" in models.slow_dtype_warning(torch.float16, CPU)
+    assert models.slow_dtype_warning(torch.float32, CPU) is None
+    assert models.slow_dtype_warning(torch.bfloat16, torch.device("cuda")) is None
+    flags["flags"] = "fpu avx2 avx512f avx512_bf16"  # a CPU with bf16 but not fp16 instructions
+    assert models.slow_dtype_warning(torch.bfloat16, CPU) is None
+    assert models.slow_dtype_warning(torch.float16, CPU).endswith("model.dtype=auto picks bfloat16 here")
+    flags["flags"] = "fpu avx2 amx_bf16 amx_fp16"
+    assert models.slow_dtype_warning(torch.float16, CPU) is None
+
+
+def test_loading_in_an_emulated_half_precision_prints_the_warning_once_loaded(tiny_model_dir, monkeypatch):
+    from rich.console import Console
+
+    monkeypatch.setattr(models, "cpu_flags", lambda: "fpu avx2")
+    console = Console(width=400, record=True)
+    loaded = models.load_base(str(tiny_model_dir), "auto", "bfloat16", CPU, console=console)
+    assert loaded.dtype == torch.bfloat16
+    assert console.export_text().startswith("warning: this CPU has no bfloat16 instructions")
+    quiet = Console(width=400, record=True)
+    models.load_base(str(tiny_model_dir), "auto", "float32", CPU, console=quiet)
+    assert quiet.export_text() == ""
