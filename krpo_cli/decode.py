@@ -25,7 +25,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from krpo_cli.activations import gated_activation
+from krpo_cli.activations import down_of_gated
 from krpo_cli.models import cpu_has_fast_bf16
 
 SUPPORTED = {"llama", "mistral", "qwen2", "qwen3"}
@@ -317,7 +317,7 @@ def transformer_hidden(weights: DecoderWeights, input_ids, position_ids, attenti
         (attended,) = layer["o"].outputs(out.transpose(1, 2).reshape(batch, length, heads * head_dim))
         hidden = hidden + attended
         gate, up = layer["gate_up"].outputs(rms_norm(module.post_attention_layernorm, hidden))
-        (mlp_out,) = layer["down"].outputs(gated_activation(module.mlp.act_fn, gate, up))
+        (mlp_out,) = down_of_gated(layer["down"].outputs, module.mlp.act_fn, gate, up)
         hidden = hidden + mlp_out
     return hidden
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from krpo_cli.activations import gated_activation, is_silu, silu_mul
+from krpo_cli.activations import down_of_gated, gated_activation, is_silu, recomputed_when_saved, silu_mul
 
 
 def saved_storages(fn, *args):
@@ -82,13 +82,19 @@ def test_gated_activation_recognises_silu_and_calls_any_other_activation():
     assert mixed.dtype == torch.float32 and torch.equal(mixed, F.silu(gate.bfloat16()) * up)
 
 
-def test_the_loss_forward_keeps_one_mlp_activation_less_per_layer(monkeypatch):
-    """completion_log_probs (the update's forward) goes through silu_mul: one (tokens × intermediate)
-    tensor less per layer is kept for backward than with autograd's silu-then-multiply."""
+def test_the_loss_forward_keeps_only_gate_and_up_of_each_mlp(monkeypatch):
+    """completion_log_probs (the update's forward) keeps two (tokens × intermediate) tensors per layer
+    for backward, gate and up: not silu(gate) (silu_mul), nor the down projection's input, which
+    its adapter needs for A's gradient (down_of_gated recomputes it). The gradients are those of
+    keeping everything, bit for bit."""
+    import gc
+    import weakref
+    from contextlib import nullcontext
+
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from krpo_cli import decode
+    from krpo_cli import activations, decode
     from krpo_cli.log_probs import completion_log_probs
 
     intermediate, layers = 48, 3
@@ -101,19 +107,100 @@ def test_the_loss_forward_keeps_one_mlp_activation_less_per_layer(monkeypatch):
     model.train()
     sequences = torch.tensor([[5, 6, 7, 30, 31, 32], [5, 6, 7, 33, 34, 35]])
     attention = torch.ones_like(sequences)
+    down_inputs = []
+    adapted_linear = decode.adapted_linear
 
-    def intermediate_activations():
+    def recording(layer, x):
+        if x.shape[-1] == intermediate:
+            down_inputs.append(weakref.ref(x))
+        return adapted_linear(layer, x)
+
+    monkeypatch.setattr(decode, "adapted_linear", recording)
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def forward_and_backward():
         kept = []
 
         def pack(t):
-            if t.shape[-1] == intermediate:
+            if t.shape[-1] == intermediate and t.untyped_storage().data_ptr() not in weights:
                 kept.append(t.untyped_storage().data_ptr())
             return t
 
+        down_inputs.clear()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            completion_log_probs(model, sequences, attention, prompt_length=3)
-        return len(set(kept))
+            log_probs = completion_log_probs(model, sequences, attention, prompt_length=3)
+        gc.collect()
+        alive = sum(ref() is not None for ref in down_inputs)
+        model.zero_grad()
+        log_probs.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return len(set(kept)), alive, grads
 
-    fused = intermediate_activations()
-    monkeypatch.setattr(decode, "gated_activation", lambda act_fn, gate, up: act_fn(gate) * up)
-    assert intermediate_activations() == fused + layers
+    kept, alive, grads = forward_and_backward()
+    assert len(down_inputs) == layers and alive == 0
+    assert kept == 2 * layers
+    monkeypatch.setattr(activations, "recomputed_when_saved", lambda tensor, recompute: nullcontext())
+    _, alive_without, grads_without = forward_and_backward()
+    assert alive_without == layers  # kept by the adapter's A product
+    assert len(grads) == len(grads_without) and all(torch.equal(a, b) for a, b in zip(grads, grads_without))
+
+
+def lora_down(weight, down, up):
+    """x·Wᵀ + (0.5·x·Aᵀ)·Bᵀ, a down projection with an adapter, as the loss computes it."""
+    return lambda x: torch.addmm(F.linear(x, weight), F.linear(x, down) * 0.5, up.T)
+
+
+def test_down_of_gated_recomputes_its_input_in_backward_only_and_frees_it_after_forward():
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 10)
+    down0, up0 = torch.randn(3, 10), torch.randn(6, 3)
+    gate0, upper0, grad = torch.randn(5, 10), torch.randn(5, 10), torch.randn(5, 6)
+    results = []
+    for recompute in (True, False):
+        gate, upper = (t.clone().requires_grad_() for t in (gate0, upper0))
+        down, up = down0.clone().requires_grad_(), up0.clone().requires_grad_()
+        project, seen = lora_down(weight, down, up), []
+
+        def recording(x):
+            seen.append(weakref.ref(x))
+            return project(x)
+
+        if recompute:
+            out = down_of_gated(recording, torch.nn.SiLU(), gate, upper)
+        else:
+            out = recording(F.silu(gate) * upper)
+        gc.collect()
+        results.append((seen[0]() is None, out.detach(), *torch.autograd.grad(out, (gate, upper, down, up), grad)))
+    (freed, *ours), (kept_freed, *plain) = results
+    assert freed and not kept_freed
+    assert all(torch.equal(a, b) for a, b in zip(ours, plain))
+
+
+def test_recomputed_when_saved_calls_recompute_during_backward_for_views_too():
+    x0 = torch.randn(2, 3, 4)
+    calls = []
+
+    def recompute():
+        calls.append(1)
+        return x0 * 2.0
+
+    source = x0.clone().requires_grad_()
+    x = source * 2.0
+    weight = torch.randn(4, 5, requires_grad=True)
+    with recomputed_when_saved(x, recompute):
+        out = x.reshape(6, 4) @ weight  # saves a view of x for weight's gradient
+    assert calls == []
+    (grad_weight,) = torch.autograd.grad(out.sum(), weight)
+    assert calls == [1]
+    assert torch.equal(grad_weight, (x0 * 2.0).reshape(6, 4).T @ torch.ones(6, 5))
+
+
+def test_down_of_gated_without_gradients_is_the_plain_product():
+    gate, upper, weight = torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        out = down_of_gated(lambda x: F.linear(x, weight), torch.nn.SiLU(), gate, upper)
+    assert torch.equal(out, F.linear(F.silu(gate) * upper, weight))
