@@ -90,7 +90,7 @@ def down_of_gated(project, act_fn, gate: torch.Tensor, up: torch.Tensor):
     """project(act_fn(gate)·up), e.g. a gated MLP's down projection, without keeping its input
     act_fn(gate)·up for backward: it is recomputed from gate and up when needed."""
     activation = gated_activation(act_fn, gate, up)
-    if not (torch.is_grad_enabled() and activation.requires_grad and activation.numel()):
-        return project(activation)  # nothing is kept, or nothing to keep (an empty tensor has no memory of its own)
+    if not (torch.is_grad_enabled() and activation.requires_grad):
+        return project(activation)
     with recomputed_when_saved(activation, lambda: gated_activation(act_fn, gate, up)):
         return project(activation)
